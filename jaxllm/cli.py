@@ -1,0 +1,122 @@
+"""The `jaxllm` command: train, eval, generate, and train a tokenizer.
+
+    jaxllm train --config experiments/configs/main.toml --set train.steps=100
+    jaxllm eval --workdir runs/main
+    jaxllm generate --workdir runs/main --prompt "def fib(n):"
+    jaxllm tokenizer --out tok.json --vocab-size 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _load_run_config(workdir: str, overrides: list[str]):
+  from jaxllm import config as config_lib
+  from jaxllm.train.checkpoint import require_checkpoint
+  require_checkpoint(workdir)
+  values = json.loads((Path(workdir) / "config.json").read_text())
+  values.pop("resolved_model", None)
+  cfg = config_lib.from_dict(values)
+  for text in overrides:  # e.g. a different data source for eval
+    keys, value = config_lib.parse_override(text)
+    merged = cfg.to_dict()
+    node = merged
+    for k in keys[:-1]:
+      node = node.setdefault(k, {})
+    node[keys[-1]] = value
+    cfg = config_lib.from_dict(merged)
+  return cfg
+
+
+def cmd_train(args) -> int:
+  from jaxllm import config as config_lib
+  from jaxllm.train.loop import train
+  cfg = config_lib.load(args.config, args.set)
+  summary = train(cfg)
+  if "eval" in summary:
+    print(json.dumps({k: round(v, 4) for k, v in summary["eval"].items()}))
+  return 0
+
+
+def cmd_eval(args) -> int:
+  from jaxllm.train.checkpoint import Checkpointer
+  from jaxllm.train.loop import Run
+  cfg = _load_run_config(args.workdir, args.set)
+  run = Run.build(cfg)
+  state = run.restore(Checkpointer(Path(args.workdir) / "checkpoints"))
+  out = run.evaluate(state.params, args.batches or cfg.train.eval_batches, with_baseline=True)
+  print(f"step {int(state.step)}: held-out loss {out['loss']:.4f} nats/token, "
+        f"{out['bpb']:.4f} bits/byte (unigram baseline {out['unigram_bpb']:.4f})")
+  print(json.dumps(out))
+  return 0
+
+
+def cmd_generate(args) -> int:
+  from jaxllm.train.checkpoint import Checkpointer
+  from jaxllm.train.loop import Run
+  cfg = _load_run_config(args.workdir, args.set)
+  run = Run.build(cfg)
+  state = run.restore(Checkpointer(Path(args.workdir) / "checkpoints"))
+  print(run.sample(state.params, args.prompt, args.max_new_tokens, args.temperature,
+                   args.top_p, args.top_k, args.seed))
+  return 0
+
+
+def cmd_tokenizer(args) -> int:
+  from jaxllm.data import DataConfig, train_bpe
+  from jaxllm.data.pipeline import documents
+  docs = documents(DataConfig(source=args.source), "train")
+  if args.max_docs:
+    docs = docs[:args.max_docs]
+  tok = train_bpe((d.decode("utf-8", errors="replace") for d in docs), args.vocab_size, args.out)
+  print(f"Trained a {tok.vocab_size}-token BPE tokenizer -> {args.out}")
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="jaxllm", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="command", required=True)
+  t = sub.add_parser("train", help="train or resume a model")
+  t.add_argument("--config", help="TOML file (see experiments/configs/)")
+  t.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE")
+  t.set_defaults(fn=cmd_train)
+  for name, fn, helptext in (("eval", cmd_eval, "held-out loss and bits per byte"),
+                             ("generate", cmd_generate, "sample text from a checkpoint")):
+    c = sub.add_parser(name, help=helptext)
+    c.add_argument("--workdir", required=True, help="a run directory made by `jaxllm train`")
+    c.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE")
+    c.set_defaults(fn=fn)
+  e = sub.choices["eval"]
+  e.add_argument("--batches", type=int, default=0)
+  g = sub.choices["generate"]
+  g.add_argument("--prompt", default="")
+  g.add_argument("--max-new-tokens", type=int, default=200)
+  g.add_argument("--temperature", type=float, default=0.8)
+  g.add_argument("--top-k", type=int, default=0)
+  g.add_argument("--top-p", type=float, default=0.95)
+  g.add_argument("--seed", type=int, default=0)
+  k = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a corpus")
+  k.add_argument("--out", required=True, help="where to write tokenizer.json")
+  k.add_argument("--vocab-size", type=int, default=4096)
+  k.add_argument("--source", default="stdlib", help='"stdlib" or a folder of text files')
+  k.add_argument("--max-docs", type=int, default=None)
+  k.set_defaults(fn=cmd_tokenizer)
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    return args.fn(args)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"jaxllm {args.command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

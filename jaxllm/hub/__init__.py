@@ -1,0 +1,7 @@
+"""Checkpoint import and export in Hugging Face layouts (safetensors)."""
+
+from __future__ import annotations
+
+from jaxllm.hub.llama import config_from_hf, config_to_hf, load_hf_llama, save_hf_llama
+
+__all__ = ["config_from_hf", "config_to_hf", "load_hf_llama", "save_hf_llama"]

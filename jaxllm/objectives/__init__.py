@@ -1,0 +1,1 @@
+"""Training objectives: functions of (model outputs, batch) -> summed loss and counts."""

@@ -1,0 +1,1 @@
+"""Training: state, optimizer, jitted sharded step, checkpoints, metrics and the loop."""
