@@ -144,23 +144,17 @@ def test_sharded_checkpoints(cases, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params2, params)
 
 
-@pytest.mark.parametrize("kernel_shape,hf_shape,spec", [
-    ((8, 2, 4), (8, 8), "d,dnh->nh"),  # q_proj as [D, H, Dh]
-    ((8, 8), (8, 8), "d,dn->n"),  # q_proj folded as [D, H * Dh]
-    ((2, 4, 6), (6, 8), "nh,nhd->d"),  # o_proj as [H, Dh, D]
-    ((8, 6), (6, 8), "n,nd->d"),  # o_proj folded as [H * Dh, D]
-])
-def test_kernel_conversion_is_layout_independent(kernel_shape, hf_shape, spec):
-  """HF's y = W x equals jaxllm's kernel contraction, for split or folded head axes."""
-  n_in = hllama._input_axes(kernel_shape, hf_shape)
-  t = hllama._Tensor("w", ("w",), hf_shape, kernel_shape, n_in)
-  rng = np.random.default_rng(0)
-  w = rng.standard_normal(hf_shape).astype(np.float32)
-  x = rng.standard_normal(kernel_shape[:n_in]).astype(np.float32)
-  kernel = t.to_jax(w)
-  np.testing.assert_allclose(np.einsum(spec, x, kernel).reshape(-1), w @ x.reshape(-1),
-                             rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(t.to_hf(kernel), w)
+@pytest.mark.parametrize("preset", ["tiny", "llama3_8b"])
+def test_name_table_covers_every_model_parameter(preset):
+  """The HF name table and the model's own parameters (from eval_shape) match one to one."""
+  from jaxllm.models.llama import Llama, preset as make_preset
+  cfg = make_preset(preset, n_layers=2)
+  variables = jax.eval_shape(Llama(cfg).init, jax.random.key(0),
+                             jax.ShapeDtypeStruct((1, 1), jnp.int32))
+  leaves = jax.tree_util.tree_flatten_with_path(nn.unbox(variables["params"]))[0]
+  model = {tuple(k.key for k in path): tuple(x.shape) for path, x in leaves}
+  table = {t.path: t.shape for t in hllama._layout(cfg)}
+  assert table == model
 
 
 # ----------------------------------------------------------------------------------------- RoPE

@@ -4,7 +4,6 @@ import json
 import math
 
 import jax
-import numpy as np
 import pytest
 
 from jaxllm import cli

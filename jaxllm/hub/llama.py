@@ -1,8 +1,8 @@
 """Hugging Face `LlamaForCausalLM` checkpoints <-> jaxllm Llama params (safetensors, no torch).
 
 HF stores each projection as a torch `Linear` weight `[out, in]`; jaxllm stores Flax kernels
-`[in..., out...]` (heads head-major, either folded into one axis or split out as `[D, H, Dh]`;
-the shapes are read from the model itself). Converting is a transpose and a reshape. No RoPE
+`[in, out]` with the heads folded head-major into one axis, as HF does. Converting is a
+transpose. No RoPE
 permutation is needed: `jaxllm.nn.rope` uses HF's rotate-half layout.
 
     cfg, params = load_hf_llama("path/to/Llama-3.2-1B")   # config.json + *.safetensors
@@ -15,20 +15,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxllm.models.llama import Llama, LlamaConfig
+from jaxllm.models.llama import LlamaConfig
 from jaxllm.nn.rope import Llama3RopeScaling
 
 CONFIG_NAME = "config.json"
@@ -157,88 +155,51 @@ def config_to_hf(cfg: LlamaConfig, dtype: str | None = None) -> dict[str, Any]:
 # -------------------------------------------------------------------------------- tensor layout
 @dataclasses.dataclass(frozen=True)
 class _Tensor:
-  """One checkpoint tensor: HF name and shape, jaxllm path and shape.
+  """One checkpoint tensor: HF name and shape, jaxllm path, and whether it is a linear weight.
 
-  A linear layer's HF weight is `[out, in]`; its jaxllm kernel is `[in..., out...]`, the first
-  `n_in` axes being the input (`n_in=0`: copied as is, e.g. norms and the embedding). Heads are
-  head-major in both, so converting is a transpose and a reshape.
+  A linear layer's HF weight is torch's `[out, in]`; its jaxllm kernel is Flax's `[in, out]`
+  (heads folded head-major into one axis in both), so converting is a transpose. Norm scales
+  and the embedding table are copied as they are.
   """
 
   hf_name: str
   path: tuple[str, ...]
   hf_shape: tuple[int, ...]
-  shape: tuple[int, ...]
-  n_in: int
+  linear: bool
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.hf_shape[::-1] if self.linear else self.hf_shape
 
   def to_jax(self, w: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(w.T.reshape(self.shape)) if self.n_in else w
+    return np.ascontiguousarray(w.T) if self.linear else w
 
   def to_hf(self, k: np.ndarray) -> np.ndarray:
-    if not self.n_in:
-      return k
-    return np.ascontiguousarray(k.reshape(math.prod(self.shape[:self.n_in]), -1).T)
+    return np.ascontiguousarray(k.T) if self.linear else k
 
 
 def _layout(cfg: LlamaConfig) -> list[_Tensor]:
-  """Every tensor of a `LlamaForCausalLM` checkpoint for `cfg`, in HF's order.
-
-  jaxllm shapes come from `jax.eval_shape` of the model's init, so the conversion follows the
-  model's kernel layout (e.g. `q_proj/kernel` as `[D, H, Dh]` or `[D, H * Dh]`).
-  """
+  """Every tensor of a `LlamaForCausalLM` checkpoint for `cfg`, in HF's order."""
   D, F, V = cfg.d_model, cfg.ffn_dim, cfg.vocab_size
   N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
-  table = [("model.embed_tokens.weight", ("embed", "embedding"), (V, D), False)]
+  table = [_Tensor("model.embed_tokens.weight", ("embed", "embedding"), (V, D), False)]
   for i in range(cfg.n_layers):
     hf, jx = f"model.layers.{i}.", f"layers_{i}"
     table += [
-        (hf + "self_attn.q_proj.weight", (jx, "attn", "q_proj", "kernel"), (N * H, D), True),
-        (hf + "self_attn.k_proj.weight", (jx, "attn", "k_proj", "kernel"), (K * H, D), True),
-        (hf + "self_attn.v_proj.weight", (jx, "attn", "v_proj", "kernel"), (K * H, D), True),
-        (hf + "self_attn.o_proj.weight", (jx, "attn", "o_proj", "kernel"), (D, N * H), True),
-        (hf + "mlp.gate_proj.weight", (jx, "mlp", "gate_proj", "kernel"), (F, D), True),
-        (hf + "mlp.up_proj.weight", (jx, "mlp", "up_proj", "kernel"), (F, D), True),
-        (hf + "mlp.down_proj.weight", (jx, "mlp", "down_proj", "kernel"), (D, F), True),
-        (hf + "input_layernorm.weight", (jx, "attn_norm", "scale"), (D,), False),
-        (hf + "post_attention_layernorm.weight", (jx, "mlp_norm", "scale"), (D,), False),
+        _Tensor(hf + "self_attn.q_proj.weight", (jx, "attn", "q_proj", "kernel"), (N * H, D), True),
+        _Tensor(hf + "self_attn.k_proj.weight", (jx, "attn", "k_proj", "kernel"), (K * H, D), True),
+        _Tensor(hf + "self_attn.v_proj.weight", (jx, "attn", "v_proj", "kernel"), (K * H, D), True),
+        _Tensor(hf + "self_attn.o_proj.weight", (jx, "attn", "o_proj", "kernel"), (D, N * H), True),
+        _Tensor(hf + "mlp.gate_proj.weight", (jx, "mlp", "gate_proj", "kernel"), (F, D), True),
+        _Tensor(hf + "mlp.up_proj.weight", (jx, "mlp", "up_proj", "kernel"), (F, D), True),
+        _Tensor(hf + "mlp.down_proj.weight", (jx, "mlp", "down_proj", "kernel"), (D, F), True),
+        _Tensor(hf + "input_layernorm.weight", (jx, "attn_norm", "scale"), (D,), False),
+        _Tensor(hf + "post_attention_layernorm.weight", (jx, "mlp_norm", "scale"), (D,), False),
     ]
-  table.append(("model.norm.weight", ("final_norm", "scale"), (D,), False))
+  table.append(_Tensor("model.norm.weight", ("final_norm", "scale"), (D,), False))
   if not cfg.tie_embeddings:
-    table.append(("lm_head.weight", ("lm_head", "kernel"), (V, D), True))
-
-  shapes = _param_shapes(cfg)
-  unmapped = sorted(set(shapes) - {path for _, path, _, _ in table})
-  if unmapped:
-    raise NotImplementedError(f"jaxllm's Llama has parameters with no HF counterpart in "
-                              f"jaxllm/hub/llama.py: {['/'.join(p) for p in unmapped[:5]]}.")
-  out = []
-  for hf_name, path, hf_shape, linear in table:
-    if path not in shapes:
-      raise NotImplementedError(f"jaxllm's Llama has no parameter {'/'.join(path)} for "
-                                f"{hf_name}; update the name table in jaxllm/hub/llama.py.")
-    shape = shapes[path]
-    n_in = _input_axes(shape, hf_shape) if linear else 0
-    if n_in is None or (not linear and shape != hf_shape):
-      raise NotImplementedError(f"jaxllm's {'/'.join(path)} has shape {shape}, which is no "
-                                f"transpose/reshape of HF's {hf_name} {hf_shape}.")
-    out.append(_Tensor(hf_name, path, hf_shape, shape, n_in))
-  return out
-
-
-def _param_shapes(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """{param path: shape} of `Llama(cfg)`, traced abstractly (no memory, no FLOPs)."""
-  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  variables = jax.eval_shape(Llama(cfg).init, jax.random.key(0), tokens)
-  leaves = jax.tree_util.tree_flatten_with_path(nn.unbox(variables["params"]))[0]
-  return {tuple(k.key for k in path): tuple(x.shape) for path, x in leaves}
-
-
-def _input_axes(shape: tuple[int, ...], hf_shape: tuple[int, ...]) -> int | None:
-  """The number of leading kernel axes that make up HF's input dimension (None: no split)."""
-  out_dim, in_dim = hf_shape
-  for n in range(1, len(shape)):
-    if math.prod(shape[:n]) == in_dim and math.prod(shape[n:]) == out_dim:
-      return n
-  return None
+    table.append(_Tensor("lm_head.weight", ("lm_head", "kernel"), (V, D), True))
+  return table
 
 
 # ----------------------------------------------------------------------------------------- load
