@@ -4,6 +4,7 @@ import json
 import math
 
 import jax
+import numpy as np
 import pytest
 
 from jaxllm import cli
@@ -134,3 +135,39 @@ def test_corrupt_tokenizer_file_is_a_clear_error(tmp_path):
   cfg = _cfg(tmp_path / "run", f"data.tokenizer={json.dumps(str(bad))}")
   with pytest.raises(ValueError, match=str(bad)):
     train(cfg)
+
+
+def test_bf16_compute_keeps_float32_master_weights(tmp_path):
+  """Mixed precision: bf16 matmuls, float32 parameters and optimizer state; the first loss
+  (same init, same batch) agrees with the float32 run to bf16 precision."""
+  steps = ["train.steps=3", "train.log_every=1"]
+  f32 = train(_cfg(tmp_path / "f32", *steps))
+  bf16 = train(_cfg(tmp_path / "bf16", *steps, 'model.dtype="bfloat16"'))
+  assert abs(bf16["train_losses"][0] - f32["train_losses"][0]) < 0.02
+  assert all(math.isfinite(x) for x in bf16["train_losses"])
+  from jaxllm.train.checkpoint import Checkpointer
+  from jaxllm.train.loop import Run
+  run = Run.build(_cfg(tmp_path / "bf16", *steps, 'model.dtype="bfloat16"'))
+  state = run.restore(Checkpointer(tmp_path / "bf16" / "checkpoints"))
+  dtypes = {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))
+            if x.ndim > 0}
+  assert dtypes == {np.dtype("float32")}
+
+
+def test_checkpoint_restores_onto_a_different_mesh(tmp_path, monkeypatch):
+  """Saved from one device, restored sharded over fsdp x tensor: same values, new layout."""
+  train(_cfg(tmp_path / "run", "train.steps=2"))
+  from jaxllm.sharding import make_mesh
+  from jaxllm.train.checkpoint import Checkpointer
+  from jaxllm.train.loop import Run
+  import jaxllm.train.loop as loop
+  one = Run.build(_cfg(tmp_path / "run", "train.steps=2"))
+  ref = jax.device_get(one.restore(Checkpointer(tmp_path / "run" / "checkpoints")).params)
+  monkeypatch.setattr(loop, "make_mesh", make_mesh)
+  eight = Run.build(_cfg(tmp_path / "run", "train.steps=2", "mesh.data=1", "mesh.fsdp=4",
+                         "mesh.tensor=2"))
+  state = eight.restore(Checkpointer(tmp_path / "run" / "checkpoints"))
+  q = state.params["layers_0"]["attn"]["q_proj"]["kernel"]
+  assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert q.addressable_shards[0].data.shape == (q.shape[0] // 4, q.shape[1] // 2)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), ref)

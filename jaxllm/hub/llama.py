@@ -2,8 +2,7 @@
 
 HF stores each projection as a torch `Linear` weight `[out, in]`; jaxllm stores Flax kernels
 `[in, out]` with the heads folded head-major into one axis, as HF does. Converting is a
-transpose. No RoPE
-permutation is needed: `jaxllm.nn.rope` uses HF's rotate-half layout.
+transpose. No RoPE permutation is needed: `jaxllm.nn.rope` uses HF's rotate-half layout.
 
     cfg, params = load_hf_llama("path/to/Llama-3.2-1B")   # config.json + *.safetensors
     logits, _ = Llama(cfg).apply({"params": params}, tokens_BL)
