@@ -213,7 +213,11 @@ class Llama(nn.Module):
     if positions_BL is None:
       start = 0 if cache is None else cache[0].length
       positions_BL = jnp.broadcast_to(start + jnp.arange(L, dtype=jnp.int32), (B, L))
-    x_BLD = nn.with_logical_constraint(self.embed(tokens_BL), ("batch", "length", "act_embed"))
+    # Gather rows from a table all-gathered over fsdp (as FSDP does for every weight before
+    # use): a gather straight from the fsdp-sharded table makes the SPMD partitioner replicate.
+    table_VD = nn.with_logical_constraint(self.embed.embedding, ("vocab", None))
+    x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(self.config.compute_dtype)
+    x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "act_embed"))
     x_BLD = self.perturb("embeddings", x_BLD)  # d loss / d embeddings, via `perturbations`
     new_cache = []
     for i, layer in enumerate(self.layers):
