@@ -4,6 +4,7 @@
     jaxllm eval --workdir runs/main
     jaxllm generate --workdir runs/main --prompt "def fib(n):"
     jaxllm tokenizer --out tok.json --vocab-size 4096
+    jaxllm import-hf path/to/hf_llama --workdir runs/imported
 """
 
 from __future__ import annotations
@@ -77,6 +78,43 @@ def cmd_tokenizer(args) -> int:
   return 0
 
 
+def cmd_import_hf(args) -> int:
+  """A run directory from a local HF Llama checkpoint: `eval`, `generate` and `train`
+  (fine-tuning) then work on it."""
+  import dataclasses
+
+  import jax
+
+  from jaxllm import config as config_lib
+  from jaxllm.hub import load_hf_llama
+  from jaxllm.train.checkpoint import Checkpointer
+  from jaxllm.train.loop import Run
+  model_cfg, params = load_hf_llama(args.hf_dir)
+  model = {"preset": "custom", **dataclasses.asdict(model_cfg)}
+  if model_cfg.rope_scaling is not None:
+    model["rope_scaling"] = dataclasses.asdict(model_cfg.rope_scaling)
+  tokenizer = args.tokenizer or args.hf_dir
+  cfg = config_lib.load(args.config, [f"train.workdir={json.dumps(args.workdir)}",
+                                      f"data.tokenizer={json.dumps(tokenizer)}", *args.set])
+  cfg = dataclasses.replace(cfg, model=model)
+  run = Run.build(cfg)
+  workdir = Path(args.workdir)
+  if (workdir / "checkpoints").exists():
+    raise FileExistsError(f"{workdir}/checkpoints already exists; choose a new --workdir.")
+  workdir.mkdir(parents=True, exist_ok=True)
+  state = run.trainer.init(cfg.train.seed)
+  params = jax.tree.map(lambda x, like: jax.device_put(x.astype(like.dtype), like.sharding),
+                        params, state.params)
+  state = state.replace(params=params, opt_state=run.trainer.optimizer.init(params))
+  (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+  ckpt = Checkpointer(workdir / "checkpoints")
+  ckpt.save(0, state, meta={"step": 0, "imported_from": str(args.hf_dir)})
+  ckpt.wait()
+  ckpt.close()
+  print(f"Imported {args.hf_dir} ({model_cfg.num_params() / 1e6:.1f}M parameters) -> {workdir}")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="jaxllm", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
   k.add_argument("--source", default="stdlib", help='"stdlib" or a folder of text files')
   k.add_argument("--max-docs", type=int, default=None)
   k.set_defaults(fn=cmd_tokenizer)
+  h = sub.add_parser("import-hf", help="make a run directory from a local HF Llama checkpoint")
+  h.add_argument("hf_dir", help="directory with config.json and *.safetensors")
+  h.add_argument("--workdir", required=True)
+  h.add_argument("--tokenizer", default=None,
+                 help="tokenizer spec (default: the tokenizer.json in hf_dir)")
+  h.add_argument("--config", default=None, help="TOML for the training settings (optional)")
+  h.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE")
+  h.set_defaults(fn=cmd_import_hf)
   return p
 
 
@@ -113,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
     return args.fn(args)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
     print(f"jaxllm {args.command}: error: {e}", file=sys.stderr)
     return 2
 

@@ -101,7 +101,10 @@ class Config:
   distributed: DistributedConfig = DistributedConfig()
 
   def model_config(self, vocab_size: int) -> llama.LlamaConfig:
-    """The model preset with this config's overrides; the vocabulary comes from the tokenizer."""
+    """The model preset with this config's overrides; the vocabulary comes from the tokenizer.
+
+    `preset = "custom"` builds the model from the listed fields alone (imported checkpoints).
+    """
     fields = dict(self.model)
     name = fields.pop("preset", "small")
     fields.setdefault("vocab_size", vocab_size)
@@ -112,6 +115,8 @@ class Config:
     for key in fields:
       if key not in valid:
         raise ValueError(f"Unknown field model.{key}; valid fields: preset, {sorted(valid)}.")
+    if name == "custom":
+      return llama.LlamaConfig(**fields)
     return llama.preset(name, **fields)
 
   def to_dict(self) -> dict[str, Any]:
