@@ -31,28 +31,24 @@ BATCH, SEQ = 8, 256
 LR, B1, B2, EPS, WD = 1e-4, 0.9, 0.95, 1e-8, 0.1
 
 
-def matmul_peak(n: int = 2048, reps: int = 10) -> dict[str, float]:
-  """Best-of dense f32 matmul FLOP/s for JAX and for PyTorch on this machine."""
+def matmul_timers(n: int = 2048):
+  """Timers of one dense f32 n x n x n matmul, in JAX and in PyTorch (2 n^3 FLOPs each)."""
   import torch
-  out = {}
-  a = jnp.asarray(np.random.RandomState(0).randn(n, n).astype(np.float32))
+  a_np = np.random.RandomState(0).randn(n, n).astype(np.float32)
+  a, ta = jnp.asarray(a_np), torch.from_numpy(a_np)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  out["jax"] = 2 * n ** 3 / best
-  ta = torch.from_numpy(np.asarray(a))
   ta @ ta
-  best = float("inf")
-  for _ in range(reps):
-    t = time.perf_counter()
-    ta @ ta
-    best = min(best, time.perf_counter() - t)
-  out["torch"] = 2 * n ** 3 / best
-  return out
+
+  def best(fn, reps=3):
+    times = []
+    for _ in range(reps):
+      t = time.perf_counter()
+      fn()
+      times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / min(times)
+
+  return (lambda: best(lambda: f(a).block_until_ready()), lambda: best(lambda: ta @ ta))
 
 
 def jax_stepper(cfg: llama.LlamaConfig, tokens: np.ndarray):
@@ -118,27 +114,26 @@ def main():
   cfg = llama.bench_20m()
   tokens = np.random.RandomState(0).randint(0, 256, (BATCH, SEQ + 1)).astype(np.int32)
   flops_per_step = cfg.flops_per_token(SEQ) * BATCH * SEQ
-  peak = matmul_peak()
+  peak_jax, peak_torch = matmul_timers()
   run_jax, trainer = jax_stepper(cfg, tokens)
   run_torch = torch_stepper(cfg, tokens)
-  t_jax, t_torch = [], []
+  rows = []  # per round: matmul peaks and both steps, so load changes hit all of them alike
   for _ in range(args.rounds):
-    t_jax.append(run_jax(args.steps))
-    t_torch.append(run_torch(args.steps))
-  tj, tt = statistics.median(t_jax), statistics.median(t_torch)
-  peak_best = max(peak.values())
+    rows.append((peak_jax(), peak_torch(), run_jax(args.steps), run_torch(args.steps)))
+  pj, pt, tj, tt = (statistics.median(col) for col in zip(*rows))
+  fraction = statistics.median(flops_per_step / r[2] / max(r[0], r[1]) for r in rows)
+  speedup = statistics.median(r[3] / r[2] for r in rows)
   print(f"model: bench_20m, {cfg.num_params() / 1e6:.1f}M params, batch {BATCH} x {SEQ}, "
         f"{flops_per_step / 1e9:.1f} GFLOP per train step (6N + attention)")
   print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}, torch threads "
-        f"{torch.get_num_threads()}")
-  print(f"dense f32 matmul 2048^3: jax {peak['jax'] / 1e9:.1f} GFLOP/s, torch "
-        f"{peak['torch'] / 1e9:.1f} GFLOP/s")
+        f"{torch.get_num_threads()}; {args.rounds} rounds of {args.steps} steps, medians")
+  print(f"dense f32 matmul 2048^3: jax {pj / 1e9:.1f} GFLOP/s, torch {pt / 1e9:.1f} GFLOP/s")
   print(f"jaxllm  step {tj * 1e3:7.1f} ms  {BATCH * SEQ / tj:8.0f} tokens/s  "
         f"{flops_per_step / tj / 1e9:6.1f} GFLOP/s")
   print(f"PyTorch step {tt * 1e3:7.1f} ms  {BATCH * SEQ / tt:8.0f} tokens/s  "
         f"{flops_per_step / tt / 1e9:6.1f} GFLOP/s")
-  print(f"(a) jaxllm achieved / best matmul FLOP/s: {flops_per_step / tj / peak_best:.2f}")
-  print(f"(b) jaxllm / PyTorch tokens/s:            {tt / tj:.2f}x")
+  print(f"(a) jaxllm achieved / best matmul FLOP/s (jax or torch, same round): {fraction:.2f}")
+  print(f"(b) jaxllm / PyTorch tokens/s:                                        {speedup:.2f}x")
   if args.profile:
     jax.profiler.start_trace(args.profile)
     run_jax(args.steps)
