@@ -55,9 +55,9 @@ def check_divisible(boxed_tree: Any, mesh: Mesh, rules=LOGICAL_RULES) -> None:
             "it (e.g. a smaller `mesh.tensor` when heads or KV heads are few).")
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batches are split along their first axis over the data-parallel axes (data x fsdp)."""
-  return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), LOGICAL_RULES))
+def batch_sharding(mesh: Mesh, rules=LOGICAL_RULES) -> NamedSharding:
+  """Batches are split along their first axis as the rules map "batch" (data x fsdp)."""
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -107,7 +107,7 @@ class ShardedTrainer:
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         nn.unbox(abstract), self.state_shardings)
-    self.batch_sharding = rules_lib.batch_sharding(mesh)
+    self.batch_sharding = rules_lib.batch_sharding(mesh, rules)
     repl = rules_lib.replicated(mesh)
     self._init = jax.jit(lambda seed: nn.unbox(boxed_state(seed)),
                          out_shardings=self.state_shardings)
