@@ -63,7 +63,9 @@ def cmd_generate(args) -> int:
   run = Run.build(cfg)
   state = run.restore(Checkpointer(Path(args.workdir) / "checkpoints"))
   print(run.sample(state.params, args.prompt, args.max_new_tokens, args.temperature,
-                   args.top_p, args.top_k, args.seed))
+                   args.top_p, args.top_k, args.seed, steps=args.steps,
+                   block_length=args.block_length, remasking=args.remasking,
+                   cfg_scale=args.cfg_scale))
   return 0
 
 
@@ -138,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--top-k", type=int, default=0)
   g.add_argument("--top-p", type=float, default=0.95)
   g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--steps", type=int, default=0,
+                 help="masked diffusion: unmasking steps (default: one per token)")
+  g.add_argument("--block-length", type=int, default=0,
+                 help="masked diffusion: semi-autoregressive block length (default: all)")
+  g.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"])
+  g.add_argument("--cfg-scale", type=float, default=0.0, help="masked diffusion: guidance")
   k = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a corpus")
   k.add_argument("--out", required=True, help="where to write tokenizer.json")
   k.add_argument("--vocab-size", type=int, default=4096)

@@ -49,11 +49,15 @@ class OptimConfig:
       raise ValueError(f"optim.decay_fraction={self.decay_fraction} must lie in (0, 1].")
 
 
+OBJECTIVES = ("next_token", "masked_diffusion")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """The training loop. `batch_size` is global (all processes), in sequences of `seq_len`."""
 
   steps: int = 1000
+  objective: str = "next_token"  # next_token | masked_diffusion (LLaDA)
   batch_size: int = 16
   seq_len: int = 256
   grad_accum: int = 1
@@ -72,6 +76,8 @@ class TrainConfig:
   progress: bool = True
 
   def __post_init__(self):
+    if self.objective not in OBJECTIVES:
+      raise ValueError(f"train.objective={self.objective!r}; use one of {OBJECTIVES}.")
     for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_batches"):
       if getattr(self, name) <= 0:
         raise ValueError(f"train.{name}={getattr(self, name)} must be positive.")

@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -22,6 +23,28 @@ def make_eval_fn(model, pad_id: int, token_bytes: np.ndarray):
     nll, count = next_token_nll(logits_BLV, targets_BL, pad_id)
     n_bytes = jnp.sum(jnp.where(targets_BL != pad_id, token_bytes[targets_BL], 0.0))
     return nll, count, n_bytes
+
+  return eval_fn
+
+
+def make_masked_diffusion_eval_fn(model, mask_id: int, pad_id: int, token_bytes: np.ndarray,
+                                  mc_num: int = 8, seed: int = 0):
+  """(params, batch) -> (NLL upper bound in nats, tokens, bytes) for a masked-diffusion LM.
+
+  Each row `tokens[:, :-1]` is scored as a whole sequence with LLaDA's Monte Carlo bound
+  (`jaxllm.eval.likelihood.sequence_nll_bound`, stratified mask counts, `mc_num` draws, a fixed
+  key so that evaluations of different checkpoints share their masks).
+  """
+  from jaxllm.eval.likelihood import sequence_nll_bound
+  token_bytes = jnp.asarray(token_bytes, jnp.float32)
+
+  def eval_fn(params, batch):
+    tokens_BL = batch["tokens"][:, :-1]
+    nll_B = sequence_nll_bound(model, params, tokens_BL, jax.random.key(seed), mask_id=mask_id,
+                               mc_num=mc_num, pad_id=pad_id)
+    real_BL = tokens_BL != pad_id
+    n_bytes = jnp.sum(jnp.where(real_BL, token_bytes[tokens_BL], 0.0))
+    return jnp.sum(nll_B), jnp.sum(real_BL).astype(jnp.float32), n_bytes
 
   return eval_fn
 

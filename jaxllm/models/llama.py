@@ -92,8 +92,10 @@ class LlamaConfig:
   def flops_per_token(self, seq_len: int) -> float:
     """Training FLOPs per token: 6 x (non-embedding matmul params + LM head) + attention."""
     matmul_params = self.num_params(include_embedding=False) + self.vocab_size * self.d_model
-    attention = 12 * self.n_layers * self.n_heads * self.resolved_head_dim * seq_len / 2
-    return 6 * matmul_params + attention  # causal attention does half of the L x L work
+    attention = 12 * self.n_layers * self.n_heads * self.resolved_head_dim * seq_len
+    if self.mask_kind == "causal":
+      attention /= 2  # causal attention does half of the L x L work
+    return 6 * matmul_params + attention
 
 
 def _divisor_near(n: int, k: int) -> int:

@@ -73,7 +73,8 @@ class Run:
     example = {"tokens": jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1),
                                               jnp.int32)}
     trainer = ShardedTrainer(model, make_optimizer(cfg.optim, cfg.train.steps), mesh,
-                             lm_loss_fn(model, tokenizer.pad_id), example, cfg.train.grad_accum)
+                             _loss_fn(cfg.train.objective, model, tokenizer), example,
+                             cfg.train.grad_accum)
     return cls(cfg, tokenizer, model, trainer, Path(cfg.train.workdir))
 
   @property
@@ -111,24 +112,50 @@ class Run:
 
   def _eval_fn(self):
     if not hasattr(self, "_cached_eval_fn"):
-      self._cached_eval_fn = lm_eval.make_eval_fn(self.model, self.tokenizer.pad_id,
-                                                  self.tokenizer.token_bytes())
+      tok = self.tokenizer
+      if self.config.train.objective == "masked_diffusion":
+        self._cached_eval_fn = lm_eval.make_masked_diffusion_eval_fn(
+            self.model, tok.mask_id, tok.pad_id, tok.token_bytes())
+      else:
+        self._cached_eval_fn = lm_eval.make_eval_fn(self.model, tok.pad_id, tok.token_bytes())
     return self._cached_eval_fn
 
   def sample(self, params, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
-             top_k: int = 0, seed: int = 0) -> str:
+             top_k: int = 0, seed: int = 0, steps: int = 0, block_length: int = 0,
+             remasking: str = "low_confidence", cfg_scale: float = 0.0) -> str:
+    """Text continuing `prompt`. Autoregressive models decode with a KV cache (temperature,
+    top-k, top-p); masked-diffusion models unmask `max_new_tokens` positions in `steps` steps
+    over semi-autoregressive blocks of `block_length` (0: one block, one token per step)."""
     tok = self.tokenizer
     prompt_ids = np.concatenate([[tok.bos_id], tok.encode(prompt)]).astype(np.int32)[None]
     max_new_tokens = min(max_new_tokens, self.model.config.max_seq_len - prompt_ids.shape[1])
     params = jax.device_get(params)
-    out = generate(self.model, params, jnp.asarray(prompt_ids), jax.random.key(seed),
-                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                   top_p=top_p, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    if self.config.train.objective == "masked_diffusion":
+      from jaxllm.infer import diffusion
+      out = diffusion.generate(
+          self.model, params, jnp.asarray(prompt_ids), jax.random.key(seed),
+          mask_id=tok.mask_id, steps=steps or max_new_tokens, gen_length=max_new_tokens,
+          block_length=block_length or max_new_tokens, temperature=temperature,
+          cfg_scale=cfg_scale, remasking=remasking, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    else:
+      out = generate(self.model, params, jnp.asarray(prompt_ids), jax.random.key(seed),
+                     max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                     top_p=top_p, eos_id=tok.eos_id, pad_id=tok.pad_id)
     return prompt + tok.decode(np.asarray(out[0]))
 
   def restore(self, ckpt: Checkpointer, data_iterator=None) -> TrainState:
     state, _ = ckpt.restore(self.trainer.abstract_state, data_iterator)
     return state
+
+
+def _loss_fn(objective: str, model: Llama, tokenizer):
+  if objective == "next_token":
+    return lm_loss_fn(model, tokenizer.pad_id)
+  from jaxllm.objectives.masked_diffusion import masked_diffusion_loss_fn
+  if tokenizer.mask_id is None:
+    raise ValueError(f"train.objective='masked_diffusion' needs a tokenizer with a mask token; "
+                     f"{tokenizer.spec!r} has none (the byte tokenizer has one).")
+  return masked_diffusion_loss_fn(model, tokenizer.mask_id)
 
 
 def _check_finite(step: int, metrics: dict[str, Any], last_ckpt: int | None) -> None:
