@@ -18,9 +18,12 @@ class SwiGLU(nn.Module):
 
   @nn.compact
   def __call__(self, x_BLD: Float[Array, "B L D"]) -> Float[Array, "B L D"]:
-    d_model = x_BLD.shape[-1]
+    B, L, D = x_BLD.shape
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    gate_BLF = dense(self.hidden_dim, ("embed", "mlp"), name="gate_proj", **kw)(x_BLD)
-    up_BLF = dense(self.hidden_dim, ("embed", "mlp"), name="up_proj", **kw)(x_BLD)
-    h_BLF = nn.with_logical_constraint(nn.silu(gate_BLF) * up_BLF, ("batch", "length", "act_mlp"))
-    return dense(d_model, ("mlp", "embed"), name="down_proj", **kw)(h_BLF)
+    # Tokens flattened to one axis: every projection is then a plain 2-D matmul, and its weight
+    # gradient contracts a single axis (XLA:CPU runs the 3-D contraction ~1.5x slower).
+    x_TD = x_BLD.reshape(B * L, D)
+    gate_TF = dense(self.hidden_dim, ("embed", "mlp"), name="gate_proj", **kw)(x_TD)
+    up_TF = dense(self.hidden_dim, ("embed", "mlp"), name="up_proj", **kw)(x_TD)
+    h_TF = nn.with_logical_constraint(nn.silu(gate_TF) * up_TF, ("batch", "act_mlp"))
+    return dense(D, ("mlp", "embed"), name="down_proj", **kw)(h_TF).reshape(B, L, D)
