@@ -229,9 +229,10 @@ class Llama(nn.Module):
     return self.final_norm(x_BLD), (None if cache is None else new_cache)
 
   def logits(self, h_BLD: Float[Array, "B L D"]) -> Float[Array, "B L V"]:
-    if self.config.tie_embeddings:
-      return self.embed.attend(h_BLD)
-    return self.lm_head(h_BLD)
+    B, L, D = h_BLD.shape
+    h_TD = h_BLD.reshape(B * L, D)  # a 2-D matmul, as in the blocks
+    logits_TV = self.embed.attend(h_TD) if self.config.tie_embeddings else self.lm_head(h_TD)
+    return logits_TV.reshape(B, L, -1)
 
   def __call__(self, tokens_BL: Int[Array, "B L"], positions_BL=None, cache=None,
                block_ids_BL=None) -> tuple[Float[Array, "B L V"], list[KVCache] | None]:
