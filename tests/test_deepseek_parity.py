@@ -49,15 +49,24 @@ def _random_hf_model(seed: int, **kw):
   return model.eval()
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def case(request, tmp_path_factory):
-  model = _random_hf_model(sorted(CASES).index(request.param), **CASES[request.param])
-  hf_dir = tmp_path_factory.mktemp(request.param)
+def _case(name, tmp_path_factory):
+  model = _random_hf_model(sorted(CASES).index(name), **CASES[name])
+  hf_dir = tmp_path_factory.mktemp(name)
   model.save_pretrained(hf_dir)
   tokens_BL = np.random.default_rng(0).integers(0, BASE["vocab_size"], (2, 24))
   with torch.no_grad():
     hf_logits = model(torch.from_numpy(tokens_BL)).logits.numpy()
-  return dict(name=request.param, model=model, dir=hf_dir, tokens=tokens_BL, hf=hf_logits)
+  return dict(name=name, model=model, dir=hf_dir, tokens=tokens_BL, hf=hf_logits)
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request, tmp_path_factory):
+  return _case(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def interleaved_case(tmp_path_factory):
+  return _case("q_lora_interleaved", tmp_path_factory)
 
 
 def test_logits_match_hf(case):
@@ -81,11 +90,10 @@ def test_logits_match_hf(case):
   np.testing.assert_allclose(np.asarray(last[:, 0]), case["hf"][:, -1], atol=ATOL, rtol=0)
 
 
-def test_import_covers_every_parameter_and_mtp_layer(case, tmp_path):
+def test_import_covers_every_parameter_and_mtp_layer(interleaved_case, tmp_path):
   """A V3-layout checkpoint with an MTP layer (model.layers.{n}.*, as deepseek-ai ships it)
   loads into exactly the tree the model initialises, MTP included."""
-  if case["name"] != "q_lora_interleaved":
-    pytest.skip("one layout suffices")
+  case = interleaved_case
   tensors = load_file(case["dir"] / "model.safetensors")
   n, d = BASE["num_hidden_layers"], BASE["hidden_size"]
   rng = np.random.default_rng(1)
