@@ -5,6 +5,7 @@
     jaxllm generate --workdir runs/main --prompt "def fib(n):"
     jaxllm tokenizer --out tok.json --vocab-size 4096
     jaxllm import-hf path/to/hf_llama --workdir runs/imported
+    jaxllm quantize --workdir runs/main --weight paretoq:2      # PTQ + packed export
 """
 
 from __future__ import annotations
@@ -61,8 +62,14 @@ def cmd_generate(args) -> int:
   from jaxllm.train.loop import Run
   cfg = _load_run_config(args.workdir, args.set)
   run = Run.build(cfg)
-  state = run.restore(Checkpointer(Path(args.workdir) / "checkpoints"))
-  print(run.sample(state.params, args.prompt, args.max_new_tokens, args.temperature,
+  if args.packed:  # packed low-bit weights from `jaxllm quantize`
+    from jaxllm.quant import Policy
+    from jaxllm.quant.export import load_packed
+    params = load_packed(args.packed)
+    run.model = Policy(()).apply(getattr(run.model, "model", run.model))
+  else:
+    params = run.restore(Checkpointer(Path(args.workdir) / "checkpoints")).params
+  print(run.sample(params, args.prompt, args.max_new_tokens, args.temperature,
                    args.top_p, args.top_k, args.seed, steps=args.steps,
                    block_length=args.block_length, remasking=args.remasking,
                    cfg_scale=args.cfg_scale))
@@ -117,6 +124,84 @@ def cmd_import_hf(args) -> int:
   return 0
 
 
+def _ptq_policy(args, run):
+  """The PTQ policy from the flags, or the QAT run's own policy."""
+  from jaxllm.quant import policy as pol
+  from jaxllm.quant import ptq
+  from jaxllm.quant.recipe import parse_spec
+  layers = r"layers_\d+/.*"
+  chosen = [name for name in ("weight", "rule", "mixed") if getattr(args, name)]
+  if len(chosen) > 1:
+    raise ValueError(f"Give one of --weight, --rule or --mixed (got {', '.join(chosen)}).")
+  if args.weight:
+    return pol.Policy((pol.Rule(layers, parse_spec(args.weight, "--weight")),))
+  if args.rule:
+    rules = []
+    for i, text in enumerate(args.rule):
+      pattern, eq, spec = text.rpartition("=")
+      if not eq or not pattern:
+        raise ValueError(f"--rule {text!r} must look like 'REGEX=SPEC', e.g. "
+                         "'layers_\\d+/mlp/.*=paretoq:1.58'.")
+      rules.append(pol.Rule(pattern, parse_spec(spec, f"--rule {i}")))
+    return pol.Policy(tuple(rules))
+  if args.mixed:
+    high, sep, low = args.mixed.partition(",")
+    if not sep:
+      raise ValueError(f"--mixed {args.mixed!r} must be 'HIGH,LOW', e.g. 'minmax:4,paretoq:1.58'.")
+    return ptq.mixed_precision_policy(
+        run.model.config.n_layers, high=parse_spec(high, "--mixed HIGH"),
+        low=parse_spec(low, "--mixed LOW"), high_first_layers=args.high_first_layers)
+  policy = run.config.quant.policy()
+  if policy is None:
+    raise ValueError("This run was trained without a [quant] policy: say how to quantize it "
+                     "with --weight SPEC (e.g. --weight minmax:4), --rule REGEX=SPEC or --mixed "
+                     "HIGH,LOW.")
+  return pol.Policy(policy.rules, policy.exclude)  # the trained scales are used, gates dropped
+
+
+def cmd_quantize(args) -> int:
+  """Post-training quantization (or export of a QAT run): packed weights, size and quality."""
+  import jax
+  import numpy as np
+
+  from jaxllm.eval import lm as lm_eval
+  from jaxllm.quant import ptq
+  from jaxllm.quant.export import save_packed
+  from jaxllm.train.checkpoint import Checkpointer
+  from jaxllm.train.loop import Run
+  cfg = _load_run_config(args.workdir, args.set)
+  run = Run.build(cfg)
+  state = run.restore(Checkpointer(Path(args.workdir) / "checkpoints"))
+  policy = _ptq_policy(args, run)
+  params = jax.device_get(state.params)
+  packed, report = ptq.quantize_params(params, policy)
+  out = Path(args.out or Path(args.workdir) / "packed")
+  path = save_packed(packed, out / "packed.safetensors")
+  (out / "size_report.md").write_text(report.table() + "\n")
+  float_bytes = ptq.size_report(params).total_bytes
+  print(f"Packed {path}: {report.total_bytes:,} bytes ({float_bytes:,} in float; "
+        f"{report.quantized_bits_per_weight:.3f} bits/weight over the quantized tensors, "
+        f"{report.bits_per_weight:.3f} over the whole model); per-tensor table in "
+        f"{out / 'size_report.md'}.")
+  result = {"bytes": report.total_bytes, "float_bytes": float_bytes,
+            "quantized_bits_per_weight": report.quantized_bits_per_weight}
+  if args.eval_batches:
+    tok = run.tokenizer
+    base = getattr(run.model, "model", run.model)
+    for name, model, p in (("float", run.model, params), ("packed", policy.apply(base), packed)):
+      fn = jax.jit(lm_eval.make_eval_fn(model, tok.pad_id, tok.token_bytes()))
+      totals = np.zeros(3)
+      for batch in run.eval_batch_iter(args.eval_batches):
+        totals += np.array([float(x) for x in fn(p, batch)])
+      result[f"{name}_bpb"] = lm_eval.summarize(*totals)["bpb"]
+    label = "QAT model" if base is not run.model else "float model"
+    print(f"Held-out bits/byte: {label} {result['float_bpb']:.4f}, packed "
+          f"{result['packed_bpb']:.4f} ({args.eval_batches} batches).")
+  (out / "quantize.json").write_text(json.dumps(result, indent=2))
+  print(json.dumps(result))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="jaxllm", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--batches", type=int, default=0)
   g = sub.choices["generate"]
   g.add_argument("--prompt", default="")
+  g.add_argument("--packed", default=None, metavar="FILE",
+                 help="generate from packed weights (WORKDIR/packed/packed.safetensors)")
   g.add_argument("--max-new-tokens", type=int, default=200)
   g.add_argument("--temperature", type=float, default=0.8)
   g.add_argument("--top-k", type=int, default=0)
@@ -160,6 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
   h.add_argument("--config", default=None, help="TOML for the training settings (optional)")
   h.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE")
   h.set_defaults(fn=cmd_import_hf)
+  qz = sub.add_parser("quantize", help="post-training quantization and packed export")
+  qz.add_argument("--workdir", required=True, help="a run directory made by `jaxllm train`")
+  qz.add_argument("--out", default=None, help="output folder (default: WORKDIR/packed)")
+  qz.add_argument("--weight", default=None, metavar="SPEC",
+                  help="one spec for every block projection, e.g. minmax:4, paretoq:1.58")
+  qz.add_argument("--rule", nargs="*", default=[], metavar="REGEX=SPEC",
+                  help="ordered rules on module paths (first match wins)")
+  qz.add_argument("--mixed", default=None, metavar="HIGH,LOW",
+                  help="Unsloth-style: attention and the first layers at HIGH, the rest LOW")
+  qz.add_argument("--high-first-layers", type=int, default=1)
+  qz.add_argument("--eval-batches", type=int, default=8,
+                  help="held-out batches to compare packed and float bits/byte (0: skip)")
+  qz.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE")
+  qz.set_defaults(fn=cmd_quantize)
   return p
 
 

@@ -98,6 +98,39 @@ class DistributedConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """Quantization-aware training (see `jaxllm.quant.recipe` for the spec strings).
+
+  rules: tables `{ pattern = <regex on module paths>, weight = <spec>, act = <spec> }`; the first
+    rule whose pattern fullmatches a Dense's path decides it. Empty: no quantization.
+  exclude: paths never quantized (None: the LM head and embeddings, as in the papers).
+  qat_fraction: ParetoQ's recipe: train in full precision, then quantize for this last share of
+    the steps (1.0: QAT from the first step).
+  scale_lr_ratio: learning rate of the learned ParetoQ scales relative to optim.lr (no decay).
+  trust_mask_updates: also mask QuEST layers' optimizer updates with the trust mask.
+  """
+
+  rules: tuple[dict[str, Any], ...] = ()
+  exclude: tuple[str, ...] | None = None
+  qat_fraction: float = 1.0
+  scale_lr_ratio: float = 1.0
+  trust_mask_updates: bool = False
+
+  def __post_init__(self):
+    if not 0.0 < self.qat_fraction <= 1.0:
+      raise ValueError(f"quant.qat_fraction={self.qat_fraction} must lie in (0, 1]; 1.0 "
+                       "quantizes from the first step, 0.1 only the last 10% of the steps.")
+    if self.scale_lr_ratio <= 0:
+      raise ValueError(f"quant.scale_lr_ratio={self.scale_lr_ratio} must be positive.")
+    from jaxllm.quant.recipe import policy_from_config
+    policy_from_config(self)  # errors name the rule and the fix
+
+  def policy(self):
+    from jaxllm.quant.recipe import policy_from_config
+    return policy_from_config(self)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   model: dict[str, Any] = dataclasses.field(default_factory=lambda: {"preset": "small"})
   data: DataConfig = DataConfig()
@@ -105,6 +138,7 @@ class Config:
   train: TrainConfig = TrainConfig()
   mesh: MeshConfig = MeshConfig()
   distributed: DistributedConfig = DistributedConfig()
+  quant: QuantConfig = QuantConfig()
 
   def model_config(self, vocab_size: int) -> llama.LlamaConfig:
     """The model preset with this config's overrides; the vocabulary comes from the tokenizer.

@@ -47,7 +47,7 @@ class Run:
 
   config: config_lib.Config
   tokenizer: Any
-  model: Llama
+  model: Llama  # or a `jaxllm.quant.QuantizedModel` wrapping one (same init/apply/config)
   trainer: ShardedTrainer
   workdir: Path
 
@@ -70,9 +70,15 @@ class Run:
       raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by the "
                        f"{jax.process_count()} processes.")
     model = Llama(model_cfg)
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    policy = cfg.quant.policy()
+    if policy is not None:  # QAT: the same model under a quantization policy
+      from jaxllm.quant.recipe import qat_optimizer
+      model = policy.apply(model)
+      optimizer = qat_optimizer(cfg.optim, cfg.quant, policy, cfg.train.steps)
     example = {"tokens": jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1),
                                               jnp.int32)}
-    trainer = ShardedTrainer(model, make_optimizer(cfg.optim, cfg.train.steps), mesh,
+    trainer = ShardedTrainer(model, optimizer, mesh,
                              _loss_fn(cfg.train.objective, model, tokenizer), example,
                              cfg.train.grad_accum)
     return cls(cfg, tokenizer, model, trainer, Path(cfg.train.workdir))
