@@ -1,6 +1,6 @@
 """Small-scale reproductions of ParetoQ, QuEST and MatQuant claims on the embedded corpus.
 
-  python experiments/quant/run.py paretoq  [--steps 150] [--out runs/quant]
+  python experiments/quant/run.py paretoq  [--steps 150] [--out runs/quant] [--only NAME ...]
   python experiments/quant/run.py quest    [--steps 150]
   python experiments/quant/run.py matquant [--steps 150]
 
@@ -124,6 +124,8 @@ def paretoq(env):
               for how in ("QAT last 10%", "QAT from scratch")]
   variants += [("2-bit min-max (no learned scale), QAT last 10%", quant.minmax(2),
                 "QAT last 10%")]
+  if env.args.only:
+    variants = [v for v in variants if v[0] in env.args.only]
   for name, spec, how in variants:
     gated = how == "QAT last 10%"
     policy = quant.Policy((quant.Rule(LAYERS, spec),), qat_gate=gated)
@@ -226,6 +228,8 @@ def main():
   ap.add_argument("exp", choices=["paretoq", "quest", "matquant"])
   ap.add_argument("--steps", type=int, default=150)
   ap.add_argument("--out", default="runs/quant")
+  ap.add_argument("--only", nargs="*", default=None, metavar="NAME",
+                  help="paretoq: run the FP model and only these variants (names as in the table)")
   args = ap.parse_args()
   env = Env(args)
   t0 = time.time()
