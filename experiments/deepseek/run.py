@@ -47,29 +47,23 @@ from jaxllm.models.mtp import MultiTokenLlama
 from jaxllm.nn import moe
 from jaxllm.objectives import multi_token as mt
 from jaxllm.objectives.next_token import next_token_nll, split_tokens
+from jaxllm.train import metrics
+from jaxllm.train.metrics import moving_average, save_json
 from jaxllm.train.optim import make_optimizer
 from jaxllm.train.step import TrainState, make_train_step
 
 SEQ, BATCH, EVAL_BATCHES = 128, 16, 16
 
 
-def _plt():
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
+_plt = metrics.pyplot
 
 
 def _save(args, name, out):
-  Path(args.out).mkdir(parents=True, exist_ok=True)
-  Path(args.out, f"{name}.json").write_text(json.dumps(out, indent=1))
+  save_json(args.out, name, out)
 
 
 def _smooth(x, k=10):
-  x = np.asarray(x, np.float64)
-  if len(x) < k:
-    return x
-  return np.convolve(x, np.ones(k) / k, mode="valid")
+  return moving_average(x, k)
 
 
 # ----------------------------------------------------------------------------------- (a) balance

@@ -40,12 +40,33 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
   return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def plot_loss_curve(metrics_path: str | Path, out_png: str | Path,
-                    baseline_bpb: float | None = None) -> Path:
-  """Train loss and eval bits per byte against step, from the run's metrics.jsonl."""
+def pyplot():
+  """matplotlib.pyplot on the non-interactive Agg backend (safe on headless machines)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  return plt
+
+
+def moving_average(x, k: int = 10):
+  """Trailing-window mean of a 1-D series for plotting; returned unchanged when shorter than k."""
+  import numpy as np
+  x = np.asarray(x, np.float64)
+  return x if len(x) < k else np.convolve(x, np.ones(k) / k, mode="valid")
+
+
+def save_json(out_dir: str | Path, name: str, obj: Any) -> Path:
+  """Writes `obj` as `<out_dir>/<name>.json`, creating the folder."""
+  path = Path(out_dir) / f"{name}.json"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(obj, indent=1))
+  return path
+
+
+def plot_loss_curve(metrics_path: str | Path, out_png: str | Path,
+                    baseline_bpb: float | None = None) -> Path:
+  """Train loss and eval bits per byte against step, from the run's metrics.jsonl."""
+  plt = pyplot()
 
   rows = read_metrics(metrics_path)
   train = [(r["step"], r["loss"]) for r in rows if r["split"] == "train"]
