@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -66,7 +67,7 @@ def cmd_generate(args) -> int:
     from jaxllm.quant import Policy
     from jaxllm.quant.export import load_packed
     params = load_packed(args.packed)
-    run.model = Policy(()).apply(getattr(run.model, "model", run.model))
+    run.model = Policy((), kernels=cfg.quant.kernels).apply(getattr(run.model, "model", run.model))
   else:
     params = run.restore(Checkpointer(Path(args.workdir) / "checkpoints")).params
   print(run.sample(params, args.prompt, args.max_new_tokens, args.temperature,
@@ -90,7 +91,6 @@ def cmd_tokenizer(args) -> int:
 def cmd_import_hf(args) -> int:
   """A run directory from a local HF Llama checkpoint: `eval`, `generate` and `train`
   (fine-tuning) then work on it."""
-  import dataclasses
 
   import jax
 
@@ -172,7 +172,7 @@ def cmd_quantize(args) -> int:
   cfg = _load_run_config(args.workdir, args.set)
   run = Run.build(cfg)
   state = run.restore(Checkpointer(Path(args.workdir) / "checkpoints"))
-  policy = _ptq_policy(args, run)
+  policy = dataclasses.replace(_ptq_policy(args, run), kernels=cfg.quant.kernels)
   params = jax.device_get(state.params)
   packed, report = ptq.quantize_params(params, policy)
   out = Path(args.out or Path(args.workdir) / "packed")

@@ -3,8 +3,11 @@
 QuEST rotates activations and weights with the same orthogonal block-diagonal matrix
 `blockdiag(H_b)`, `H_b` the Sylvester Hadamard matrix scaled by `1/sqrt(b)`, so that
 `(x H)(W H)^T = x W^T` and both operands can be quantized in the rotated domain, where they are
-close to Gaussian. Everything goes through `hadamard_transform`; it is a dense matmul for now (a
-Pallas fast Walsh–Hadamard transform replaces its body later without changing callers).
+close to Gaussian. Everything goes through `hadamard_transform`, the fast Walsh–Hadamard
+transform of `pallas_kernels.hadamard` (O(b log b) per block instead of a dense b x b matmul);
+`impl` chooses its XLA path ("xla", the default, for CPU and GPU) or the TPU Pallas kernel
+("pallas", or "pallas_interpret" to run that kernel on CPU). `hadamard_matrix` is the dense
+matrix, for tests and references.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels.hadamard import fwht, sylvester
 
 
 @functools.cache
@@ -21,22 +25,17 @@ def hadamard_matrix(n: int) -> np.ndarray:
   """The `n x n` Sylvester Hadamard matrix divided by `sqrt(n)`: symmetric and orthogonal."""
   if n < 1 or n & (n - 1):
     raise ValueError(f"Hadamard block size {n} must be a power of two (e.g. 32, 64, 128).")
-  h = np.ones((1, 1), np.float64)
-  while h.shape[0] < n:
-    h = np.block([[h, h], [h, -h]])
-  return (h / np.sqrt(n)).astype(np.float32)
+  return (sylvester(n) / np.sqrt(n)).astype(np.float32)
 
 
-def hadamard_transform(x: jax.Array, block: int) -> jax.Array:
+def hadamard_transform(x: jax.Array, block: int, impl: str = "xla") -> jax.Array:
   """`x @ blockdiag(H_block, ..., H_block)` along the last axis (its size a multiple of `block`).
 
   `H` is symmetric and orthogonal, so the transform is its own inverse and its VJP is itself.
+  `impl`: "xla" | "pallas" | "pallas_interpret" (see `pallas_kernels.hadamard.fwht`).
   """
   k = x.shape[-1]
   if k % block:
     raise ValueError(f"Hadamard block {block} does not divide the contraction dimension {k}: "
                      f"choose a power-of-two block dividing {k}.")
-  h = jnp.asarray(hadamard_matrix(block), x.dtype)
-  x_NB = x.reshape(*x.shape[:-1], k // block, block)
-  y = jnp.einsum("...nb,bc->...nc", x_NB, h, precision=jax.lax.Precision.HIGHEST)
-  return y.reshape(x.shape)
+  return fwht(x, block, impl=impl)

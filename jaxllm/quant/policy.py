@@ -20,8 +20,15 @@ do. Keeping them in `params` means one gradient, one optimizer state and one che
 decay. With `Policy(qat_gate=True)` each quantized layer also gets a scalar `qat_gate` parameter
 (0 = full precision, 1 = quantized) that `transforms.qat_switch` flips at the switch step.
 
-Packed inference: a Dense whose `kernel` is a `jaxllm.quant.packing.PackedWeight` is dequantized
-through XLA and run with the activation quantizer recorded in it; no policy is needed.
+Packed inference: a Dense whose `kernel` is a `jaxllm.quant.packing.PackedWeight` runs with the
+activation quantizer recorded in it; no policy is needed.
+
+Kernels: `Policy.kernels` (and `packed_intercept(kernels=...)`) chooses, explicitly, how the
+Hadamard rotations and packed matmuls run: "xla" (default; CPU and GPU: the fast Walsh–Hadamard
+transform's XLA path, and dequantize + dot), "pallas" (the TPU kernels of `pallas_kernels`: the
+packed weight is never dequantized in HBM; symmetric per-token activation quantizers feed the
+int8 x low-bit kernel with int32 accumulation), or "pallas_interpret" (those kernels in TPU
+interpret mode on CPU). A packed format without a kernel (3-bit) raises instead of falling back.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import jax.numpy as jnp
 
 from jaxllm.quant import quantizers as q
 from jaxllm.quant.hadamard import hadamard_transform
+from pallas_kernels.hadamard import check_impl
 
 QUANT_SCALE = "quant_alpha"
 QAT_GATE = "qat_gate"
@@ -146,9 +154,11 @@ class Policy:
   rules: tuple[Rule, ...]
   exclude: tuple[str, ...] = DEFAULT_EXCLUDE
   qat_gate: bool = False  # add a `qat_gate` scalar per quantized layer (see transforms.qat_switch)
+  kernels: str = "xla"  # "xla" | "pallas" | "pallas_interpret" (see the module docstring)
 
   def __post_init__(self):
     object.__setattr__(self, "rules", tuple(self.rules))
+    check_impl(self.kernels)
     for i, r in enumerate(self.rules):
       try:
         re.compile(r.pattern)
@@ -213,16 +223,19 @@ class QuantizedModel:
       return self.model.apply(*args, **kwargs)
 
 
-def packed_intercept():
-  """Context for running a model whose Dense kernels were replaced by `PackedWeight`s."""
-  return nn.intercept_methods(_Interceptor(None))
+def packed_intercept(kernels: str = "xla"):
+  """Context for running a model whose Dense kernels were replaced by `PackedWeight`s, with the
+  packed matmuls and rotations on `kernels` ("xla", "pallas" or "pallas_interpret")."""
+  check_impl(kernels)
+  return nn.intercept_methods(_Interceptor(None, kernels))
 
 
 # --------------------------------------------------------------------------------- interception
 class _Interceptor:
 
-  def __init__(self, policy: Policy | None):
+  def __init__(self, policy: Policy | None, kernels: str = "xla"):
     self.policy = policy
+    self.kernels = policy.kernels if policy is not None else kernels
     self.matched: set[int] = set()
     self.dense_paths: list[str] = []
     self.excluded: list[str] = []
@@ -250,7 +263,7 @@ class _Interceptor:
     kernel = mod.get_variable("params", "kernel") if mod.has_variable("params", "kernel") else None
     from jaxllm.quant.packing import PackedWeight
     if isinstance(kernel, PackedWeight):
-      return _packed_dense(mod, args[0], kernel)
+      return _packed_dense(mod, args[0], kernel, self.kernels)
     found = None if self.policy is None else self.policy.match(path)
     if found is None:
       return next_fun(*args, **kwargs)
@@ -259,7 +272,7 @@ class _Interceptor:
     if rule.weight is None and rule.act is None:
       return next_fun(*args, **kwargs)
     return _quant_dense(mod, args[0], rule, f"{self.policy.describe(idx)} at module {path!r}",
-                        self.policy.qat_gate)
+                        self.policy.qat_gate, self.kernels)
 
 
 def hadamard_block_of(rule: Rule) -> int | None:
@@ -341,7 +354,7 @@ def _matmul(mod, x, w_OK, dtype):
   return y
 
 
-def _quant_dense(mod: nn.Dense, x, rule: Rule, where: str, gated: bool):
+def _quant_dense(mod: nn.Dense, x, rule: Rule, where: str, gated: bool, kernels: str):
   k = x.shape[-1]
   kernel = mod.param("kernel", mod.kernel_init, (k, mod.features), mod.param_dtype)
   dtype = _compute_dtype(mod, x, kernel)
@@ -351,7 +364,7 @@ def _quant_dense(mod: nn.Dense, x, rule: Rule, where: str, gated: bool):
   w_OK = kernel.astype(jnp.float32).T
   x32 = x.astype(jnp.float32)
   if block:
-    w_OK, x32 = hadamard_transform(w_OK, block), hadamard_transform(x32, block)
+    w_OK, x32 = hadamard_transform(w_OK, block, kernels), hadamard_transform(x32, block, kernels)
   gate = mod.param(QAT_GATE, nn.initializers.zeros, (), jnp.float32) if gated else None
 
   def maybe(fq, v):
@@ -371,15 +384,53 @@ def _quant_dense(mod: nn.Dense, x, rule: Rule, where: str, gated: bool):
   return _matmul(mod, x32, w_OK, dtype)
 
 
-def _packed_dense(mod: nn.Dense, x, packed):
-  w_OK = packed.dequantize()  # in the rotated domain when the layer rotates
+def _packed_dense(mod: nn.Dense, x, packed, kernels: str):
   dtype = mod.dtype or x.dtype
   x32 = x.astype(jnp.float32)
   if packed.hadamard_block:
-    x32 = hadamard_transform(x32, packed.hadamard_block)
-  if packed.act is not None:
-    x32 = quantize_act(x32, packed.act)
-  return _matmul(mod, x32, w_OK, dtype)
+    x32 = hadamard_transform(x32, packed.hadamard_block, kernels)
+  if kernels == "xla":
+    w_OK = packed.dequantize()  # in the rotated domain when the layer rotates
+    if packed.act is not None:
+      x32 = quantize_act(x32, packed.act)
+    return _matmul(mod, x32, w_OK, dtype)
+  from pallas_kernels.lowbit_matmul import Layout, lowbit_matmul
+  k = packed.shape[0]
+  layout = Layout(packed.fmt, packed.codebook, k, packed.group_size)
+  integer = (integer_activation(x32, packed.act)
+             if packed.act is not None and packed.group_size == k else None)
+  if integer is not None:
+    y = lowbit_matmul(*integer[:1], packed.codes, packed.scale, packed.zero, integer[1],
+                      layout=layout, impl=kernels, out_dtype=jnp.float32)
+  else:
+    xin = x32 if packed.act is None else quantize_act(x32, packed.act)
+    y = lowbit_matmul(xin.astype(dtype), packed.codes, packed.scale, packed.zero, layout=layout,
+                      impl=kernels, out_dtype=jnp.float32)
+  y = y.astype(dtype)
+  if mod.use_bias:
+    bias = mod.param("bias", mod.bias_init, (mod.features,), mod.param_dtype)
+    y = y + bias.astype(dtype).reshape((1,) * (y.ndim - 1) + (-1,))
+  return y
+
+
+def integer_activation(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array] | None:
+  """Per-token activation quantization as exact int8 values and a scale, `x_q = x_int * s`, for
+  symmetric codebooks with one scale per token and no zero point (QuEST's grid, absmax /
+  BitNet's int8); None when the quantizer has no such form (grouped, min-max, > 7-bit QuEST)."""
+  if spec.group_size not in (None, x.shape[-1]) or spec.per_tensor:
+    return None
+  xg = grouped(x, spec)
+  c = (q.quest_codes(xg, spec.bits) if spec.method == "quest"
+       else q.ste_codes(xg, spec.method, spec.bits, spec.per_tensor))
+  cb, n = c.codebook, len(c.codebook)
+  step = cb[1] - cb[0]
+  if c.zero is not None or abs(cb[0] + cb[-1]) > 1e-6 * abs(cb[-1]):
+    return None
+  two = 1 if n % 2 else 2  # odd n: c - (n-1)/2; even n: 2c - (n-1) (half-integer grid doubled)
+  if (n - 1) * two // 2 > 127:
+    return None
+  x_int = (two * c.codes - (n - 1) * two // 2).astype(jnp.int8)
+  return x_int.reshape(x.shape), (c.scale[..., 0] * step / two).reshape(x.shape[:-1])
 
 
 def dense_paths(model: nn.Module, *example_args: Any, **kw) -> list[str]:

@@ -126,7 +126,7 @@ def _quantize_tree(params, policy: pol.Policy, scale_dtype) -> dict[str, Any]:
     pol.check_dims(rule.weight, k, f"{policy.describe(idx)} at module {path!r}", block)
     w_OK = jnp.asarray(leaf, jnp.float32).T
     if block:
-      w_OK = hadamard_transform(w_OK, block)
+      w_OK = hadamard_transform(w_OK, block, policy.kernels)
     alpha = None
     if rule.weight.method == "paretoq":
       alpha = _get(params, mod).get(pol.QUANT_SCALE)

@@ -123,7 +123,7 @@ def policy_from_config(cfg, qat_gate: bool | None = None) -> pol.Policy | None:
                           parse_spec(r.get("act"), f"{where}.act")))
   gate = cfg.qat_fraction < 1.0 if qat_gate is None else qat_gate
   kw = {} if cfg.exclude is None else {"exclude": tuple(cfg.exclude)}
-  return pol.Policy(tuple(rules), qat_gate=gate, **kw)
+  return pol.Policy(tuple(rules), qat_gate=gate, kernels=cfg.kernels, **kw)
 
 
 def qat_optimizer(optim_cfg, quant_cfg, policy: pol.Policy,

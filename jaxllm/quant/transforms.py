@@ -17,6 +17,8 @@ policy produced.
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -123,11 +125,12 @@ def _map_modules(fn, updates, params):
   return rec(updates, params, ())
 
 
-def trust_mask_for(kernel_KO: jax.Array, spec: pol.QuantSpec, block: int | None) -> jax.Array:
+def trust_mask_for(kernel_KO: jax.Array, spec: pol.QuantSpec, block: int | None,
+                   kernels: str = "xla") -> jax.Array:
   """QuEST's trust mask of a kernel, as [O, K] in the (rotated) quantization domain."""
   w_OK = kernel_KO.astype(jnp.float32).T
   if block:
-    w_OK = hadamard_transform(w_OK, block)
+    w_OK = hadamard_transform(w_OK, block, kernels)
   m = q.quest_trust_mask(pol.grouped(w_OK, spec), spec.bits, spec.trust_scale or 1.0)
   return m.reshape(w_OK.shape)
 
@@ -154,10 +157,11 @@ def scale_by_trust_mask(policy: pol.Policy) -> optax.GradientTransformation:
         return {}
       rule = found[1]
       block = pol.hadamard_block_of(rule)
-      m_OK = trust_mask_for(p_mod["kernel"], rule.weight, block)
+      m_OK = trust_mask_for(p_mod["kernel"], rule.weight, block, policy.kernels)
       u_OK = u_mod["kernel"].astype(jnp.float32).T
       if block:
-        u_OK = hadamard_transform(hadamard_transform(u_OK, block) * m_OK, block)
+        rot = functools.partial(hadamard_transform, block=block, impl=policy.kernels)
+        u_OK = rot(rot(u_OK) * m_OK)
       else:
         u_OK = u_OK * m_OK
       return {"kernel": u_OK.T.astype(u_mod["kernel"].dtype)}
@@ -215,7 +219,7 @@ def scale_by_qat_switch(switch_step: int, policy: pol.Policy) -> optax.GradientT
         alpha, u_alpha = p_mod[pol.QUANT_SCALE], u_mod[pol.QUANT_SCALE]
         w_OK = (p_mod["kernel"] + u_mod["kernel"]).astype(jnp.float32).T
         if (block := pol.hadamard_block_of(rule)):
-          w_OK = hadamard_transform(w_OK, block)
+          w_OK = hadamard_transform(w_OK, block, policy.kernels)
         fresh = pol.init_alpha(w_OK, rule.weight).astype(alpha.dtype)
         out[pol.QUANT_SCALE] = jnp.where(before, jnp.zeros_like(u_alpha),
                                          jnp.where(at, fresh - alpha, u_alpha))
