@@ -124,6 +124,8 @@ def test_lowbit_matmul_matches_reference_and_gradients(fmt, m, k, n, group, dtyp
   assert y.dtype == dtype and y.shape == (m, n)
   tol = 2e-6 if dtype == jnp.float32 else 1e-2
   _close(y, ref, tol)
+  if dtype == jnp.bfloat16 and (m, k, n, group) != MATMUL_CASES[0]:
+    return  # bf16 gradients: checked on the padded shape (the f32 ones on every shape)
   w = jax.random.normal(jax.random.key(2), (m, n))
 
   def loss(f):
