@@ -54,3 +54,42 @@ def test_identical_and_bad_inputs():
     m.ssim(hr[:16, :16], hr[:16, :16], crop_border=4)
   gray = (hr[..., 0] * 255).astype(np.uint8)  # grayscale: replicated to RGB (documented)
   assert np.isfinite(m.psnr(gray, np.roll(gray, 1, 0), 4))
+
+
+# ------------------------------------------------------------------------------------------ NIQE
+
+
+def _degraded_photos():
+  from scipy.ndimage import gaussian_filter
+  from skimage import data
+  rng = np.random.default_rng(0)
+  photo = data.astronaut()[:300, 40:340].astype(np.float32) / 255  # 300 x 300, not a multiple
+  blurred = np.stack([gaussian_filter(photo[..., c], 2.0) for c in range(3)], -1)
+  noisy = np.clip(photo + rng.normal(0, 0.08, photo.shape), 0, 1).astype(np.float32)
+  return {"photo": photo, "blurred": blurred, "noisy": noisy,
+          "coffee": data.coffee()}  # uint8, 400 x 600
+
+
+def test_niqe_agrees_with_scikit_video():
+  """Same Y input to ours and to scikit-video's `niqe` (an independent implementation with the
+  same pristine model): equal to float32 rounding."""
+  import skvideo.measure
+  for name, img in _degraded_photos().items():
+    y = m.rgb_to_y(img)
+    ref = float(skvideo.measure.niqe(y.astype(np.float32))[0])
+    np.testing.assert_allclose(m.niqe_y(y), ref, rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(m.niqe(img, crop_border=4),
+                               skvideo.measure.niqe(y[4:-4, 4:-4].astype(np.float32))[0],
+                               rtol=1e-5, err_msg=name)
+
+
+def test_niqe_ranks_distortions_and_rejects_small_images():
+  imgs = _degraded_photos()
+  scores = {k: m.niqe(v) for k, v in imgs.items()}
+  assert scores["photo"] < scores["blurred"] and scores["photo"] < scores["noisy"], scores
+  mu, cov = m.niqe_pristine_params()
+  assert mu.shape == (36,) and cov.shape == (36, 36)
+  with pytest.raises(ValueError, match="193x193"):
+    m.niqe(imgs["photo"][:190])
+  out = m.sr_metrics(imgs["blurred"], imgs["photo"], 4, with_niqe=True)
+  np.testing.assert_allclose(out["niqe"], m.niqe(imgs["blurred"], 4))

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int
 
-from jaxllm.models.mtp import MultiTokenLlama, init_multi_token_cache
+from jaxllm.models.mtp import MultiTokenLlama, decoder_block, init_multi_token_cache
+from jaxllm.nn.attention import KVCache
 
 
 def _set_length(cache, length):
@@ -58,34 +59,77 @@ def greedy_decode(model: MultiTokenLlama, params, prompt_1P: Int[Array, "1 P"], 
   return out
 
 
+def _stack(trees):
+  return jax.tree.map(lambda *x: jnp.stack(x), *trees)
+
+
+def _all_heads(model: MultiTokenLlama, params, tokens_1L, cache):
+  """Trunk over a block, then all n heads as ONE batched layer (`vmap` over the heads' stacked
+  parameters and caches, not n layers in turn): head outputs [n, L, D] before the final norm,
+  and the cache {"trunk": [...], "heads": KVCache with a leading head axis}."""
+  z_1LD, trunk = model.apply({"params": params}, tokens_1L, cache=cache["trunk"],
+                             method="trunk")
+  L = tokens_1L.shape[1]
+  positions_1L = (cache["heads"].length + jnp.arange(L, dtype=jnp.int32))[None]
+  block = decoder_block(model.config)
+  stacked = _stack([params[f"heads_{i}"] for i in range(model.n_future)])
+  axes = KVCache(0, 0, None)  # one shared length for all heads
+  h_N1LD, heads = jax.vmap(lambda p, c: block.apply({"params": p}, z_1LD, positions_1L, c),
+                           in_axes=(0, axes), out_axes=(0, axes))(stacked, cache["heads"])
+  return h_N1LD[:, 0], {"trunk": trunk, "heads": heads}
+
+
+def _argmax_logits(model, params, h_LD):
+  return jnp.argmax(model.apply({"params": params}, h_LD, method="unembed"),
+                    axis=-1).astype(jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
 def speculative_decode(model: MultiTokenLlama, params, prompt_1P: Int[Array, "1 P"], *,
                        max_new_tokens: int) -> tuple[Int[Array, " N"], Int[Array, ""]]:
-  """(greedy tokens, number of forwards after the prefill) by blockwise self-speculation."""
+  """(greedy tokens, number of forwards after the prefill) by blockwise self-speculation.
+
+  One verification forward = the trunk on the n-token block, all n heads as one batched layer
+  (their KV caches need every block position), the unembedding of head 0 at the n positions
+  (verification), then the unembedding of heads 1 .. n-1 at the last accepted position only
+  (the next drafts). Only argmaxes leave the forward; the rollback only resets `length`."""
   n = model.n_future
   P = prompt_1P.shape[1]
-  cache = init_multi_token_cache(model.config, n, 1, P + max_new_tokens + 2 * n)
-  logits_N1PV, cache = model.apply({"params": params}, prompt_1P, cache=cache)
-  block = jnp.argmax(logits_N1PV[:, 0, -1], axis=-1).astype(jnp.int32)  # [d_0, drafts ...]
-  out = jnp.zeros((max_new_tokens + n,), jnp.int32)
+  max_len = P + max_new_tokens + 2 * n
+  cfg = model.config
+  empty = lambda: KVCache.empty(1, max_len, cfg.n_kv_heads, cfg.resolved_head_dim,
+                                cfg.compute_dtype)
+  cache = {"trunk": [empty() for _ in range(cfg.n_layers - 1)],
+           "heads": _stack([empty() for _ in range(n)]).replace(length=jnp.zeros((), jnp.int32))}
 
-  def cond(state):
-    return state[1] < max_new_tokens
+  def forward(block_1L, cache):
+    """-> head 0's greedy tokens after each block position [L], heads' outputs, cache."""
+    h_NLD, cache = _all_heads(model, params, block_1L, cache)
+    return _argmax_logits(model, params, h_NLD[0]), h_NLD, cache
+
+  def next_block(greedy_L, h_NLD, m):
+    """[certain token, drafts of heads 1 .. n-1] after the m-th block position."""
+    drafts = _argmax_logits(model, params, jax.lax.dynamic_index_in_dim(h_NLD[1:], m - 1, 1,
+                                                                        keepdims=False))
+    return jnp.concatenate([greedy_L[m - 1][None], drafts])
+
+  greedy_P, h_NPD, cache = forward(prompt_1P, cache)
+  block = next_block(greedy_P, h_NPD, P)
+  out = jnp.zeros((max_new_tokens + n,), jnp.int32)
 
   def body(state):
     out, n_out, block, cache, forwards = state
-    length = cache["trunk"][0].length
-    logits_N1LV, cache = model.apply({"params": params}, block[None], cache=cache)
-    pred_NL = jnp.argmax(logits_N1LV[:, 0], axis=-1).astype(jnp.int32)  # [head, position]
-    match = block[1:] == pred_NL[0, :-1]
-    m = 1 + jnp.sum(jnp.cumprod(match.astype(jnp.int32)))
+    length = cache["heads"].length
+    greedy_L, h_NLD, cache = forward(block[None], cache)
+    # block[j] (j >= 1) is accepted while it equals greedy's token after block[j - 1]
+    m = 1 + jnp.sum(jnp.cumprod((block[1:] == greedy_L[:-1]).astype(jnp.int32)))
     out = jax.lax.dynamic_update_slice(out, block, (n_out,))
-    cache = _set_length(cache, length + m)
-    nxt = jax.lax.dynamic_index_in_dim(pred_NL, m - 1, axis=1, keepdims=False)
-    return out, n_out + m, nxt, cache, forwards + 1
+    cache = _set_length(cache, length + m)  # roll back: later slots are masked, overwritten
+    return out, n_out + m, next_block(greedy_L, h_NLD, m), cache, forwards + 1
 
   out, _, _, _, forwards = jax.lax.while_loop(
-      cond, body, (out, jnp.zeros((), jnp.int32), block, cache, jnp.zeros((), jnp.int32)))
+      lambda state: state[1] < max_new_tokens, body,
+      (out, jnp.zeros((), jnp.int32), block, cache, jnp.zeros((), jnp.int32)))
   return out[:max_new_tokens], forwards
 
 

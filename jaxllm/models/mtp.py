@@ -56,6 +56,16 @@ class MTPLayer(nn.Module):
     return self.shared_head_norm(h_BLD)
 
 
+def decoder_block(config: LlamaConfig, **kw) -> nn.Module:
+  """The (unbound) transformer layer used for every trunk layer and every head."""
+  cfg = config
+  inv_freq = tuple(float(f) for f in rope_frequencies(
+      cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling))
+  block = nn.remat(DecoderBlock) if cfg.remat else DecoderBlock
+  return block(cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.ffn_dim, inv_freq,
+               cfg.norm_eps, MaskKind(cfg.mask_kind), cfg.compute_dtype, cfg.weight_dtype, **kw)
+
+
 class MultiTokenLlama(nn.Module):
   """A Llama trunk of `n_layers - 1` layers with `n_future` one-layer heads (Meta-style)."""
 
@@ -71,12 +81,7 @@ class MultiTokenLlama(nn.Module):
         cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
         embedding_init=nn.with_logical_partitioning(
             nn.initializers.normal(cfg.init_std), ("vocab", "embed")))
-    inv_freq = tuple(float(f) for f in rope_frequencies(
-        cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling))
-    block = nn.remat(DecoderBlock) if cfg.remat else DecoderBlock
-    make = lambda name: block(cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.ffn_dim,
-                              inv_freq, cfg.norm_eps, MaskKind(cfg.mask_kind),
-                              cfg.compute_dtype, cfg.weight_dtype, name=name)
+    make = lambda name: decoder_block(cfg, name=name)
     self.layers = [make(f"layers_{i}") for i in range(cfg.n_layers - 1)]
     self.heads = [make(f"heads_{i}") for i in range(self.n_future)]
     self.final_norm = RMSNorm(cfg.norm_eps, cfg.weight_dtype)
@@ -105,9 +110,12 @@ class MultiTokenLlama(nn.Module):
       start = 0 if cache is None else cache.length
       positions_BL = jnp.broadcast_to(start + jnp.arange(L, dtype=jnp.int32), (B, L))
     h_BLD, cache = self.heads[i](z_BLD, positions_BL, cache)
+    return self.unembed(h_BLD), cache
+
+  def unembed(self, h_BLD: Float[Array, "... D"]) -> Float[Array, "... V"]:
+    """Shared final norm and unembedding of a head's output (any leading shape)."""
     h_BLD = self.final_norm(h_BLD)
-    logits = self.embed.attend(h_BLD) if self.config.tie_embeddings else self.lm_head(h_BLD)
-    return logits, cache
+    return self.embed.attend(h_BLD) if self.config.tie_embeddings else self.lm_head(h_BLD)
 
   def __call__(self, tokens_BL: Int[Array, "B L"], cache=None):
     """All heads' logits [n_future, B, L, V] and the cache {"trunk": [...], "heads": [...]}."""
