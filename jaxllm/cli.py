@@ -6,6 +6,9 @@
     jaxllm tokenizer --out tok.json --vocab-size 4096
     jaxllm import-hf path/to/hf_llama --workdir runs/imported
     jaxllm quantize --workdir runs/main --weight paretoq:2      # PTQ + packed export
+    jaxllm sr train --stage vqvae --workdir runs/vq             # super-resolution, stage 1
+    jaxllm sr train --stage sr --vqvae runs/vq --workdir runs/sr   # stage 2 (VARSR)
+    jaxllm sr upscale in.png out.png --scale 4 --ckpt runs/sr --compare side_by_side.png
 """
 
 from __future__ import annotations
@@ -202,6 +205,105 @@ def cmd_quantize(args) -> int:
   return 0
 
 
+# ------------------------------------------------------------------------ super-resolution (sr)
+
+
+def cmd_sr_train(args) -> int:
+  from jaxllm.train import sr
+  cfg = sr.SRTrainConfig(
+      stage=args.stage, workdir=args.workdir, vqvae_preset=args.vqvae_preset,
+      varsr_preset=args.varsr_preset, vqvae_dir=args.vqvae, vqvae_overrides=args.vqvae_set,
+      varsr_overrides=args.varsr_set, data=args.data, scale=args.scale,
+      degradation=args.degradation, negative_prob=args.negative_prob, steps=args.steps,
+      batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
+      log_every=args.log_every, save_every=args.save_every, progress=not args.no_progress)
+  out = sr.train(cfg)
+  print(json.dumps({k: round(v, 4) for k, v in out["metrics"].items()}))
+  return 0
+
+
+def cmd_sr_upscale(args) -> int:
+  from jaxllm.data import images
+  from jaxllm.train import sr
+  model = sr.load_sr(args.ckpt)
+  if not Path(args.input).is_file():
+    raise FileNotFoundError(f"input image {args.input} does not exist.")
+  from PIL import Image
+  with Image.open(args.input) as im:  # documented conversions (jaxllm.data.images.to_rgb)
+    mode = im.mode
+    if mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+      im = im.convert("RGB")
+    lr = images.to_rgb(im)
+  if mode not in ("RGB", "P"):
+    how = ("alpha channel dropped" if "A" in mode else "converted by Pillow" if mode in (
+        "CMYK", "YCbCr", "LAB", "HSV") else "channel replicated to RGB")
+    print(f"jaxllm sr upscale: note: {args.input} is {mode}, not RGB: {how}.", file=sys.stderr)
+  out = sr.upscale_image(model, lr, args.scale, seed=args.seed, cfg=args.cfg, top_k=args.top_k,
+                         top_p=args.top_p, refine=not args.no_refine,
+                         refiner_steps=args.refiner_steps)
+  images.save_image(args.output, out)
+  result = {"output": str(args.output), "size": list(out.shape[:2])}
+  hr = None
+  if args.hr:
+    from jaxllm.eval.sr_metrics import sr_metrics
+    hr = images.load_image(args.hr)[:out.shape[0], :out.shape[1]]
+    if hr.shape != out.shape:
+      raise ValueError(f"--hr {args.hr} is {hr.shape[0]}x{hr.shape[1]}, smaller than the "
+                       f"{out.shape[0]}x{out.shape[1]} output; pass the HR of this LR image.")
+    result["ours"] = sr_metrics(out, hr, args.scale)
+    result["bicubic"] = sr_metrics(sr.bicubic_upscale(lr, args.scale), hr, args.scale)
+  if args.compare:
+    images.save_image(args.compare, sr.comparison_image(lr, out, args.scale, hr)
+                      .astype("float32") / 255.0)
+    result["compare"] = str(args.compare)
+  print(json.dumps(result))
+  return 0
+
+
+def _add_sr_parser(sub) -> None:
+  s = sub.add_parser("sr", help="image super-resolution: train the VQ-VAE / VARSR, upscale")
+  sr_sub = s.add_subparsers(dest="sr_command", required=True)
+  t = sr_sub.add_parser("train", help="train (or resume) one stage: --stage vqvae, then sr")
+  t.add_argument("--stage", required=True, choices=["vqvae", "sr"])
+  t.add_argument("--workdir", required=True, help="run directory (resumed if it exists)")
+  t.add_argument("--vqvae", default=None, metavar="DIR", help="sr stage: the VQ-VAE run")
+  t.add_argument("--vqvae-preset", default="small", help="tiny | small | var_f16 | varsr_f16")
+  t.add_argument("--varsr-preset", default="small", help="VARSR size: tiny | small")
+  t.add_argument("--vqvae-set", nargs="*", default=[], metavar="FIELD=JSON")
+  t.add_argument("--varsr-set", nargs="*", default=[], metavar="FIELD=JSON")
+  t.add_argument("--data", default="skimage",
+                 help='"skimage" (embedded photos, held-out ones excluded) or a folder')
+  t.add_argument("--scale", type=int, default=4)
+  t.add_argument("--degradation", default="varsr_x4", help="varsr_x4 | realesrgan_x4")
+  t.add_argument("--negative-prob", type=float, default=0.1,
+                 help="share of negative-quality targets (needed for --cfg at upscale time)")
+  t.add_argument("--steps", type=int, default=1000)
+  t.add_argument("--batch-size", type=int, default=8)
+  t.add_argument("--lr", type=float, default=1e-3)
+  t.add_argument("--warmup-steps", type=int, default=50)
+  t.add_argument("--seed", type=int, default=0)
+  t.add_argument("--log-every", type=int, default=50)
+  t.add_argument("--save-every", type=int, default=0)
+  t.add_argument("--no-progress", action="store_true")
+  t.set_defaults(fn=cmd_sr_train)
+  u = sr_sub.add_parser("upscale", help="upscale an image with a trained sr-stage run")
+  u.add_argument("input", help="LR image (RGB; grayscale / RGBA are converted, with a note)")
+  u.add_argument("output", help="where to write the SR image (PNG recommended)")
+  u.add_argument("--scale", type=int, required=True, help="must be the checkpoint's scale")
+  u.add_argument("--ckpt", required=True, metavar="DIR", help="a `jaxllm sr train --stage sr` run")
+  u.add_argument("--compare", default=None, metavar="PNG",
+                 help="also write LR | bicubic | ours | HR side by side")
+  u.add_argument("--hr", default=None, help="ground-truth HR image: PSNR/SSIM, and a panel")
+  u.add_argument("--cfg", type=float, default=None,
+                 help="image-based CFG scale (VARSR: 6); default: positive label only")
+  u.add_argument("--top-k", type=int, default=1)
+  u.add_argument("--top-p", type=float, default=0.75)
+  u.add_argument("--no-refine", action="store_true", help="skip the diffusion refiner")
+  u.add_argument("--refiner-steps", type=int, default=None)
+  u.add_argument("--seed", type=int, default=0)
+  u.set_defaults(fn=cmd_sr_upscale)
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="jaxllm", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -261,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
                   help="held-out batches to compare packed and float bits/byte (0: skip)")
   qz.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE")
   qz.set_defaults(fn=cmd_quantize)
+  _add_sr_parser(sub)
   return p
 
 

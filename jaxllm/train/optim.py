@@ -21,7 +21,8 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
         [warmup])
   if cfg.schedule == "warmup_cosine":
     return optax.warmup_cosine_decay_schedule(
-        0.0, cfg.lr, max(warmup, 1), max(total_steps, warmup + 1), cfg.lr * cfg.min_lr_ratio)
+        0.0, cfg.lr, max(warmup, 1), max(total_steps, max(warmup, 1) + 1),
+        cfg.lr * cfg.min_lr_ratio)
   decay = max(int(round(total_steps * cfg.decay_fraction)), 1)
   stable = max(total_steps - warmup - decay, 0)
   return optax.join_schedules(

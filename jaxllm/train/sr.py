@@ -1,0 +1,445 @@
+"""Super-resolution training and inference drivers: the VQ-VAE stage, the VARSR stage, upscaling.
+
+Two stages, each a run directory (`workdir`) holding `config.json`, Orbax checkpoints
+(`jaxllm.train.checkpoint.Checkpointer`), `metrics.jsonl` and TensorBoard events:
+
+1. `stage="vqvae"`: the multi-scale VQ-VAE (`models/var/vqvae.py`) on random HR crops of
+   `image_size` pixels; loss = L1 reconstruction + VQ loss; codebook usage and perplexity are
+   logged every `log_every` steps.
+2. `stage="sr"`: VARSR (`models/var/varsr.py`) on (HR crop, degraded LR) pairs from
+   `jaxllm.data.images.sr_dataset`, the VQ-VAE of stage 1 frozen (`vqvae_dir`) and copied into
+   this run's checkpoint, so one directory is enough to upscale; loss = CE + diff_weight x
+   diffusion loss; teacher-forced token accuracy is logged. VARSR's shape (vocabulary, Cvae,
+   scales, output size) is taken from the VQ-VAE; `varsr_preset` sets the transformer's size.
+
+Batch i of a run is a pure function of (seed, i) (Grain `MapDataset`s), so a resumed run sees
+the batches it would have seen. `upscale_image` runs a trained SR run on an image of any size
+(tiled, `varsr.upscale_tiled`); `comparison_image` builds the side-by-side panel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxllm.config import OptimConfig
+from jaxllm.data import degradations as deg
+from jaxllm.data import images
+from jaxllm.models.var import refiner as refiner_lib
+from jaxllm.models.var import varsr as varsr_lib
+from jaxllm.models.var import vqvae as vqvae_lib
+from jaxllm.models.var.var import token_accuracy
+from jaxllm.train.checkpoint import Checkpointer
+from jaxllm.train.metrics import MetricsWriter
+from jaxllm.train.optim import make_optimizer
+from jaxllm.train.step import TrainState, make_train_step
+
+STAGES = ("vqvae", "sr")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclasses.dataclass(frozen=True)
+class SRTrainConfig:
+  stage: str = "vqvae"  # "vqvae" | "sr"
+  workdir: str = "runs/sr"
+  vqvae_preset: str = "small"  # vqvae_lib.PRESETS (stage "vqvae")
+  varsr_preset: str = "small"  # VARSR_SIZES (stage "sr")
+  vqvae_dir: str | None = None  # stage "sr": the run directory of a trained VQ-VAE
+  vqvae_overrides: tuple[str, ...] = ()  # "FIELD=JSON" on the VQ-VAE preset, e.g. "ch=8"
+  varsr_overrides: tuple[str, ...] = ()  # "FIELD=JSON" on the VARSR config, e.g. "depth=1"
+  data: str = "skimage"  # the embedded photos minus the held-out ones, or a folder of images
+  scale: int = 4
+  degradation: str = "varsr_x4"  # deg.PRESETS; its scale is replaced by `scale`
+  negative_prob: float = 0.1  # share of negative-quality (class 1) targets, for image CFG
+  steps: int = 1000
+  batch_size: int = 8
+  lr: float = 1e-3
+  warmup_steps: int = 50
+  weight_decay: float = 0.05
+  clip_norm: float = 2.0
+  seed: int = 0
+  log_every: int = 50
+  save_every: int = 0  # 0: only at the end
+  progress: bool = True
+
+  def __post_init__(self):
+    if self.stage not in STAGES:
+      raise ValueError(f"stage={self.stage!r}: use one of {STAGES}.")
+    if self.stage == "sr" and not self.vqvae_dir:
+      raise ValueError("the sr stage needs a trained VQ-VAE: pass --vqvae DIR (a run made by "
+                       "`jaxllm sr train --stage vqvae --workdir DIR`).")
+    object.__setattr__(self, "vqvae_overrides", tuple(self.vqvae_overrides))
+    object.__setattr__(self, "varsr_overrides", tuple(self.varsr_overrides))
+    if self.scale < 2 or not 0 <= self.negative_prob <= 1 or self.steps < 1:
+      raise ValueError("scale must be >= 2, negative_prob in [0, 1] and steps >= 1.")
+
+
+# VARSR transformer sizes for the sr stage; the rest of its shape comes from the VQ-VAE.
+VARSR_SIZES = {
+    "tiny": dict(depth=2, d_model=32, num_heads=2, lr_channels=(8, 16, 32, 64),
+                 refiner=dict(width=64, depth=2)),
+    "small": dict(depth=4, d_model=128, num_heads=4, lr_channels=(32, 64, 128, 256),
+                  refiner=dict(width=256, depth=3)),
+}
+
+
+def varsr_config_for(vq: vqvae_lib.VQVAEConfig, scale: int, size: str = "small",
+                     **overrides: Any) -> varsr_lib.VARSRConfig:
+  """A VARSR config matching a VQ-VAE: same codebook, scales and image size; `size` from
+  `VARSR_SIZES`; the LR encoder downsamples by the VQ-VAE's factor."""
+  if size not in VARSR_SIZES:
+    raise ValueError(f"Unknown VARSR size {size!r}; choose one of {sorted(VARSR_SIZES)}.")
+  if vq.image_size % scale:
+    raise ValueError(f"the VQ-VAE's {vq.image_size}-pixel images are not divisible by "
+                     f"scale={scale}; choose a scale that divides {vq.image_size}.")
+  s = dict(VARSR_SIZES[size])
+  n_down = int(math.log2(vq.downsample))
+  if n_down > len(s["lr_channels"]):
+    raise ValueError(f"VARSR size {size!r} supports VQ-VAEs downsampling up to "
+                     f"{2 ** len(s['lr_channels'])}x, this one downsamples {vq.downsample}x.")
+  width = s["d_model"]
+  ref = refiner_lib.RefinerConfig(target_dim=vq.c_vae, cond_dim=width, **s.pop("refiner"))
+  s["lr_channels"] = s["lr_channels"][:n_down]
+  return varsr_lib.VARSRConfig(**{**s, **dict(
+      vocab_size=vq.vocab_size, c_vae=vq.c_vae, patch_nums=vq.patch_nums,
+      image_size=vq.image_size, scale=scale, refiner=ref), **overrides})
+
+
+# ------------------------------------------------------------------------------- configs on disk
+
+
+def parse_overrides(items, cls) -> dict[str, Any]:
+  """["ch=8", "ch_mult=[1,2]", "mid_attn=false"] -> {"ch": 8, ...} (values are JSON; a value
+  that is not JSON is kept as a string)."""
+  out = {}
+  for text in items:
+    key, eq, value = text.partition("=")
+    if not eq or not key:
+      raise ValueError(f"override {text!r} must look like FIELD=VALUE, e.g. ch=8.")
+    names = [f.name for f in dataclasses.fields(cls)]
+    if key not in names:
+      raise ValueError(f"override {text!r}: {cls.__name__} has no field {key!r}; fields: "
+                       f"{', '.join(names)}.")
+    try:
+      out[key] = json.loads(value)
+    except json.JSONDecodeError:
+      out[key] = value
+  return out
+
+
+def _varsr_from_dict(d: dict) -> varsr_lib.VARSRConfig:
+  d = dict(d)
+  if d.get("refiner") is not None:
+    d["refiner"] = refiner_lib.RefinerConfig(**d["refiner"])
+  return varsr_lib.VARSRConfig(**d)
+
+
+def read_run(workdir: str | Path) -> dict:
+  """The run's config.json, or a FileNotFoundError saying how to make one."""
+  path = Path(workdir) / "config.json"
+  if not path.is_file() or not (Path(workdir) / "checkpoints").is_dir():
+    raise FileNotFoundError(
+        f"No SR run at {workdir} (expected {path} and {Path(workdir) / 'checkpoints'}/): train "
+        "one with `jaxllm sr train --stage vqvae --workdir DIR`, then `jaxllm sr train --stage "
+        "sr --vqvae DIR --workdir SR_DIR`, and pass SR_DIR.")
+  run = json.loads(path.read_text())
+  if run.get("kind") != "sr":
+    raise ValueError(f"{workdir} is not a `jaxllm sr train` run (no \"kind\": \"sr\" in "
+                     "config.json).")
+  return run
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def load_photos(data: str) -> list[np.ndarray]:
+  """"skimage": the embedded training photos (held-out ones excluded); else every image file in
+  the folder `data`, converted to RGB (see `images.to_rgb`)."""
+  if data == "skimage":
+    return images.train_photos()
+  folder = Path(data)
+  if not folder.is_dir():
+    raise FileNotFoundError(f"--data {data!r} is neither 'skimage' nor a folder of images.")
+  files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+  if not files:
+    raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {folder}.")
+  return [images.load_image(p) for p in files]
+
+
+def hr_crop_dataset(photos, crop: int, seed: int = 0, num_examples: int = 1_000_000):
+  """A Grain `MapDataset` of {"image": [crop, crop, 3] in [-1, 1]}: element i a random crop
+  (random photo, position, horizontal flip) drawn from np.random.default_rng([seed, i])."""
+  import grain
+  photos = [images.to_rgb(p) for p in photos]
+  small = [i for i, p in enumerate(photos) if min(p.shape[:2]) < crop]
+  if small:
+    raise ValueError(f"photos {small} are smaller than the {crop}-pixel training crop.")
+
+  def make(i):
+    rng = np.random.default_rng([seed, int(i)])
+    img = images.random_crop(photos[rng.integers(len(photos))], crop, rng)
+    if rng.uniform() < 0.5:
+      img = img[:, ::-1]
+    return {"image": np.ascontiguousarray(img) * 2 - 1}
+
+  return grain.MapDataset.range(num_examples).map(make)
+
+
+# -------------------------------------------------------------------------------------- training
+
+
+def _init_fn(model, example_args, optimizer):
+  """`init(seed) -> TrainState`, jittable. Parameters are drawn with the "rbg" PRNG (XLA's
+  RngBitGenerator), whose program compiles in a fraction of threefry's time on CPU; the train
+  state's own key (dropout, diffusion noise) stays a default-impl key from the same seed."""
+  def init(seed):
+    params = nn.unbox(model.init(jax.random.key(seed, impl="rbg"), *example_args)["params"])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params),
+                      rng=jax.random.key_data(jax.random.key(seed + 1)))
+  return init
+
+
+def _varsr_example(c: varsr_lib.VARSRConfig):
+  s = c.image_size // c.scale
+  return (jnp.zeros((1, s, s, 3)), jnp.zeros((1,), jnp.int32),
+          jnp.zeros((1, c.seq_len - c.patch_nums[0] ** 2, c.c_vae)))
+
+
+def _restore(workdir: Path, abstract):
+  ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+  try:
+    state, _ = ckpt.restore(abstract)
+  finally:
+    ckpt.close()
+  return state
+
+
+def load_vqvae(workdir: str | Path):
+  """(VQVAE module, params) of a finished VQ-VAE-stage run."""
+  run = read_run(workdir)
+  if run["stage"] != "vqvae":
+    raise ValueError(f"{workdir} is a {run['stage']!r}-stage run; --vqvae needs a run made with "
+                     "--stage vqvae.")
+  model = vqvae_lib.VQVAE(vqvae_lib.VQVAEConfig(**run["vqvae"]))
+  return model, _restore(Path(workdir), _abstract_state(model)).params
+
+
+def _abstract_state(model: nn.Module) -> TrainState:
+  """Shapes of a stage's TrainState (the optimizer's schedule does not change them)."""
+  optimizer = make_optimizer(OptimConfig(schedule="constant"), 1)
+  if isinstance(model, vqvae_lib.VQVAE):
+    S = model.config.image_size
+    example = (jnp.zeros((1, S, S, 3)),)
+  else:
+    example = _varsr_example(model.config)
+  return jax.eval_shape(_init_fn(model, example, optimizer), 0)
+
+
+def _stage_setup(cfg: SRTrainConfig):
+  """(model, loss_fn, init args, dataset, extra state, eval fn, run record) of a stage."""
+  photos = load_photos(cfg.data)
+  if cfg.stage == "vqvae":
+    vq_cfg = vqvae_lib.preset(cfg.vqvae_preset, **parse_overrides(cfg.vqvae_overrides,
+                                                                   vqvae_lib.VQVAEConfig))
+    model = vqvae_lib.VQVAE(vq_cfg)
+    S = vq_cfg.image_size
+    data = hr_crop_dataset(photos, S, cfg.seed).batch(cfg.batch_size)
+    loss_fn = vqvae_lib.vqvae_loss_fn(model)
+
+    def eval_fn(params, _extra, batch):
+      idx = model.apply({"params": params}, batch["image"], method="img_to_idx")
+      out = vqvae_lib.codebook_usage(idx, vq_cfg.vocab_size)
+      return {k: v for k, v in out.items() if not k.startswith("usage_scale")}
+
+    record = {"vqvae": dataclasses.asdict(vq_cfg)}
+    return model, loss_fn, (jnp.zeros((1, S, S, 3)),), data, None, eval_fn, record
+  vq, vq_params = load_vqvae(cfg.vqvae_dir)
+  c = varsr_config_for(vq.config, cfg.scale, cfg.varsr_preset,
+                       **parse_overrides(cfg.varsr_overrides, varsr_lib.VARSRConfig))
+  model = varsr_lib.VARSR(c)
+  dcfg = deg.preset(cfg.degradation, scale=cfg.scale)
+  data = images.sr_dataset(photos, c.image_size, dcfg, cfg.seed,
+                           negative_prob=cfg.negative_prob).batch(cfg.batch_size)
+  inner = varsr_lib.varsr_loss_fn(model, vq, vq_params)
+
+  def loss_fn(params, batch, rng):  # the frozen VQ-VAE comes in as a closure constant
+    return inner(params, {k: batch[k] for k in ("hr", "lr", "label")}, rng)
+
+  def eval_fn(params, vq_p, batch):
+    idx, _, _ = vq.apply({"params": vq_p}, batch["hr"], method="img_to_pyramid")
+    x = vq.apply({"params": vq_p}, idx, method="idx_to_var_input")
+    logits, _ = model.apply({"params": params}, batch["lr"], batch["label"], x)
+    out = vqvae_lib.codebook_usage(idx, c.vocab_size)
+    return {"token_acc": token_accuracy(logits, jnp.concatenate(idx, 1)),
+            "target_usage": out["usage"]}
+
+  record = {"vqvae": dataclasses.asdict(vq.config), "varsr": dataclasses.asdict(c),
+            "vqvae_dir": str(cfg.vqvae_dir)}
+  return model, loss_fn, _varsr_example(c), data, vq_params, eval_fn, record
+
+
+def train(cfg: SRTrainConfig) -> dict[str, Any]:
+  """Trains (or resumes) one stage; returns {"state", "extra", "metrics" (last logged)}."""
+  workdir = Path(cfg.workdir)
+  model, loss_fn, example, data, extra, eval_fn, record = _stage_setup(cfg)
+  ocfg = OptimConfig(lr=cfg.lr, schedule="warmup_cosine", warmup_steps=cfg.warmup_steps,
+                     weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
+  optimizer = make_optimizer(ocfg, cfg.steps)
+  init = _init_fn(model, example, optimizer)
+  run = {"kind": "sr", "stage": cfg.stage, "train": dataclasses.asdict(cfg), **record}
+  cfg_path = workdir / "config.json"
+  if cfg_path.is_file():
+    old = json.loads(cfg_path.read_text())
+    if old.get("stage") != cfg.stage or old.get("vqvae") != json.loads(json.dumps(run["vqvae"])):
+      raise FileExistsError(f"{workdir} holds a different run ({old.get('stage')!r} stage); "
+                            "choose a new --workdir.")
+  workdir.mkdir(parents=True, exist_ok=True)
+  cfg_path.write_text(json.dumps(run, indent=2))
+  ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+  wrap = (lambda st: st) if extra is None else (lambda st: {"train": st, "vqvae": extra})
+  if ckpt.latest_step() is not None:
+    abstract = jax.eval_shape(lambda k: wrap(init(k)), 0)
+    restored, _ = ckpt.restore(abstract)
+    state = restored if extra is None else restored["train"]
+  else:
+    state = jax.jit(init)(cfg.seed)
+  step_fn = jax.jit(make_train_step(loss_fn, optimizer), donate_argnums=(0,))
+  eval_jit = jax.jit(eval_fn)
+  writer = MetricsWriter(workdir)
+  start = int(state.step)
+  bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, desc=f"sr {cfg.stage}",
+             unit="step", dynamic_ncols=True)
+  last: dict[str, float] = {}
+  t0 = time.perf_counter()
+  try:
+    for step in range(start + 1, cfg.steps + 1):
+      batch = {k: jnp.asarray(v) for k, v in data[step - 1].items()}
+      state, metrics = step_fn(state, batch)
+      if step % cfg.log_every == 0 or step == cfg.steps:
+        last = {k: float(v) for k, v in metrics.items() if k != "tokens"}
+        if not math.isfinite(last["loss"]):
+          raise FloatingPointError(f"loss is {last['loss']} at step {step}; lower --lr.")
+        last.update({k: float(v) for k, v in eval_jit(state.params, extra, batch).items()})
+        last["steps_per_s"] = (step - start) / (time.perf_counter() - t0)
+        writer.write(step, "train", last)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in last.items()
+                         if k in ("loss", "usage", "perplexity", "token_acc")})
+      if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
+        ckpt.save(step, wrap(state), meta={"step": step})
+      bar.update(1)
+    bar.close()
+    if ckpt.latest_step() != int(state.step):
+      ckpt.save(int(state.step), wrap(state), meta={"step": int(state.step)})
+    ckpt.wait()
+  finally:
+    ckpt.close()
+    writer.close()
+  return {"state": state, "extra": extra, "metrics": last}
+
+
+# ------------------------------------------------------------------------------------- inference
+
+
+@dataclasses.dataclass(frozen=True)
+class SRModel:
+  model: varsr_lib.VARSR
+  params: Any
+  vqvae: vqvae_lib.VQVAE
+  vq_params: Any
+  run: dict  # config.json of the run
+
+  @property
+  def config(self) -> varsr_lib.VARSRConfig:
+    return self.model.config
+
+  @property
+  def tile(self) -> int:
+    """LR tile side the model takes."""
+    return self.config.image_size // self.config.scale
+
+
+def load_sr(workdir: str | Path) -> SRModel:
+  """A trained sr-stage run (VARSR and its frozen VQ-VAE) from its directory."""
+  run = read_run(workdir)
+  if run["stage"] != "sr":
+    raise ValueError(f"{workdir} is a VQ-VAE-stage run; upscaling needs the sr stage trained "
+                     f"on it: `jaxllm sr train --stage sr --vqvae {workdir} --workdir SR_DIR`.")
+  vq = vqvae_lib.VQVAE(vqvae_lib.VQVAEConfig(**run["vqvae"]))
+  model = varsr_lib.VARSR(_varsr_from_dict(run["varsr"]))
+  abstract = {"train": _abstract_state(model), "vqvae": _abstract_state(vq).params}
+  state = _restore(Path(workdir), abstract)
+  return SRModel(model, state["train"].params, vq, state["vqvae"], run)
+
+
+def check_input(sr: SRModel, lr: np.ndarray, scale: int) -> None:
+  """Raises a ValueError naming the fix for a scale or an image size the model cannot take."""
+  c = sr.config
+  if scale != c.scale:
+    raise ValueError(f"this checkpoint was trained for x{c.scale} only, not x{scale}: use "
+                     f"--scale {c.scale}, or train an sr-stage run with --scale {scale}.")
+  need = max(sr.tile // 2, 1)
+  if min(lr.shape[:2]) < need:
+    raise ValueError(f"input is {lr.shape[0]}x{lr.shape[1]} pixels; this model needs at least "
+                     f"{need} pixels per side (half its {sr.tile}-pixel LR tile; smaller sides "
+                     f"are mirror-padded up to the tile). Use a larger image or enlarge it first.")
+
+
+def upscale_image(sr: SRModel, lr: np.ndarray, scale: int, *, seed: int = 0,
+                  cfg: float | None = None, top_k: int = 1, top_p: float = 0.75,
+                  refine: bool = True, refiner_steps: int | None = None,
+                  overlap: int | None = None, batch: int = 4) -> np.ndarray:
+  """LR image [h, w, 3] in [0, 1] (any size >= half a tile) -> SR [h s, w s, 3] in [0, 1].
+
+  cfg=None: positive quality label only; a number: image-based CFG against the negative label,
+  which needs a model trained with negative_prob > 0."""
+  lr = images.to_rgb(lr)
+  check_input(sr, lr, scale)
+  if cfg is not None and not sr.run["train"].get("negative_prob", 0):
+    raise ValueError("this checkpoint never saw negative-quality (class 1) examples, so image "
+                     "CFG has nothing to guide against: drop --cfg, or retrain the sr stage with "
+                     "--negative-prob 0.1.")
+  refine = refine and sr.config.refiner is not None
+  fn = varsr_lib.make_upscaler(sr.model, sr.params, sr.vqvae, sr.vq_params, seed=seed, cfg=cfg,
+                               top_k=top_k, top_p=top_p, refine=refine,
+                               refiner_steps=refiner_steps if refine else None)
+  overlap = max(sr.tile // 8, 1) if overlap is None else overlap
+  out = varsr_lib.upscale_tiled(fn, lr, sr.tile, scale, overlap=overlap, batch=batch)
+  return np.clip(out, 0, 1)
+
+
+def bicubic_upscale(lr: np.ndarray, scale: int) -> np.ndarray:
+  h, w = lr.shape[:2]
+  return np.clip(images.resize(images.to_rgb(lr), (h * scale, w * scale), "bicubic"), 0, 1)
+
+
+def comparison_image(lr: np.ndarray, sr: np.ndarray, scale: int,
+                     hr: np.ndarray | None = None) -> np.ndarray:
+  """Side-by-side uint8 panel [LR (nearest), bicubic, ours, HR if given] with a label above each
+  (all at the SR size)."""
+  from PIL import Image, ImageDraw
+  lr = images.to_rgb(lr)
+  panels = [("LR (nearest)", np.repeat(np.repeat(lr, scale, 0), scale, 1)),
+            ("bicubic", bicubic_upscale(lr, scale)), ("VARSR", sr)]
+  if hr is not None:
+    panels.append(("HR", images.to_rgb(hr)))
+  H, W = sr.shape[:2]
+  label_h, gap = 14, 4
+  canvas = Image.new("RGB", (len(panels) * (W + gap) - gap, H + label_h), "white")
+  draw = ImageDraw.Draw(canvas)
+  for i, (name, img) in enumerate(panels):
+    if img.shape[:2] != (H, W):
+      raise ValueError(f"the {name} panel is {img.shape[0]}x{img.shape[1]}, expected {H}x{W}.")
+    canvas.paste(Image.fromarray(images.to_uint8(img)), (i * (W + gap), label_h))
+    draw.text((i * (W + gap) + 2, 1), name, fill="black")
+  return np.asarray(canvas)
