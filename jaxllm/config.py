@@ -108,9 +108,10 @@ class QuantConfig:
     the steps (1.0: QAT from the first step).
   scale_lr_ratio: learning rate of the learned ParetoQ scales relative to optim.lr (no decay).
   trust_mask_updates: also mask QuEST layers' optimizer updates with the trust mask.
-  kernels: how Hadamard rotations and packed low-bit matmuls run — "xla" (default; CPU and GPU),
-    "pallas" (the TPU kernels of `pallas_kernels`) or "pallas_interpret" (those kernels in TPU
-    interpret mode, for testing on CPU). Chosen here, never by a silent fallback.
+  kernels: how Hadamard rotations and packed low-bit matmuls run — "xla" (default; any backend),
+    "pallas" (the TPU kernels of `pallas_kernels`), "pallas_gpu" (their GPU Triton variants) or
+    "pallas_interpret" / "pallas_gpu_interpret" (those kernels in interpret mode, for testing on
+    CPU). Chosen here, never by a silent fallback.
   """
 
   rules: tuple[dict[str, Any], ...] = ()
@@ -121,9 +122,11 @@ class QuantConfig:
   kernels: str = "xla"
 
   def __post_init__(self):
-    if self.kernels not in ("xla", "pallas", "pallas_interpret"):
-      raise ValueError(f"quant.kernels={self.kernels!r}: choose 'xla' (CPU and GPU), 'pallas' "
-                       "(TPU) or 'pallas_interpret' (the TPU kernels on CPU, for tests).")
+    if self.kernels not in ("xla", "pallas", "pallas_interpret", "pallas_gpu",
+                            "pallas_gpu_interpret"):
+      raise ValueError(f"quant.kernels={self.kernels!r}: choose 'xla' (any backend), 'pallas' "
+                       "(TPU), 'pallas_gpu' (NVIDIA GPU), or 'pallas_interpret' / "
+                       "'pallas_gpu_interpret' (those kernels on CPU, for tests).")
     if not 0.0 < self.qat_fraction <= 1.0:
       raise ValueError(f"quant.qat_fraction={self.qat_fraction} must lie in (0, 1]; 1.0 "
                        "quantizes from the first step, 0.1 only the last 10% of the steps.")

@@ -5,7 +5,7 @@ Hadamard matrix of size `b` (a power of two up to 32768) divided by `sqrt(b)`; `
 the whole axis. `H_b` is symmetric and orthogonal, so the transform is its own inverse and its
 VJP is the transform of the cotangent (`custom_vjp` below).
 
-Three implementations, chosen explicitly by `impl` (never by a silent fallback):
+The implementations, chosen explicitly by `impl` (never by a silent fallback):
 
 - "xla": a Kronecker factorisation `H_b = H_f1 (x) H_f2 (x) ...` with factors of at most 64,
   applied as one small matmul per factor over a reshaped axis: `2 b log_64(b)` flops per row
@@ -17,6 +17,9 @@ Three implementations, chosen explicitly by `impl` (never by a silent fallback):
   VMEM), and scales by `1 / sqrt(b)` once. Rows are tiled `block_rows` (a multiple of 8) at a
   time with "parallel" grid semantics.
 - "pallas_interpret": the same kernel in TPU interpret mode (CPU tests; race detection on).
+- "pallas_gpu": the GPU (Triton) kernel of `pallas_kernels.hadamard_gpu` (blocks up to 16384;
+  one pass over a row block, the +-1 factors applied as tensor-core dots); "pallas_gpu_interpret"
+  runs it in interpret mode on CPU.
 
 `fwht_reference` is the dense matmul `x @ blockdiag(H_b)` in float32 at HIGHEST precision.
 """
@@ -33,9 +36,13 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import hadamard_gpu
+from pallas_kernels.common import (GPU_IMPLS, IMPLS, check_backend, check_block_sizes,
+                                   check_impl, interpret_params, out_struct)
+
 MAX_SIZE = 32768
-IMPLS = ("xla", "pallas", "pallas_interpret")
 LANES = 128
+__all__ = ["IMPLS", "BlockSizes", "check_impl", "fwht", "fwht_reference", "sylvester"]
 
 
 @functools.cache
@@ -62,13 +69,6 @@ def _block_of(x: jax.Array, block: int | None) -> int:
     raise ValueError(f"Hadamard block {b} does not divide the last axis ({length}): choose a "
                      f"power-of-two block dividing {length}.")
   return b
-
-
-def check_impl(impl: str) -> None:
-  if impl not in IMPLS:
-    raise ValueError(f"Unknown kernel implementation {impl!r}; choose one of {IMPLS} "
-                     "('xla' on CPU and GPU, 'pallas' on TPU, 'pallas_interpret' to test the TPU "
-                     "kernel on CPU).")
 
 
 # --------------------------------------------------------------------------------- reference
@@ -118,20 +118,19 @@ class BlockSizes:
                        "(the TPU sublane tile).")
 
 
-def _fwht_kernel(x_ref, h_ref, o_ref, acc_ref, *, scale: float):
-  """x_ref, o_ref: [block_rows, width]; h_ref: [m, m] +-1 (m = min(width, 128), or kron(I, H_b)
-  when b < 128); acc_ref: float32 VMEM scratch [block_rows, width]. All slices are static and
-  128-lane aligned (or the whole row), so Mosaic needs no relayouts."""
-  m = h_ref.shape[0]
-  width = x_ref.shape[-1]
-  chunks = width // m
-  h = h_ref[...]
+def hadamard_into(x_ref, h, acc_ref, segment: int) -> None:
+  """acc_ref <- x_ref's rows times blockdiag(H) unnormalised, in float32: `H_m` (h, [m, m] +-1,
+  possibly kron(I, H_b)) on the MXU per m-lane chunk, then log2(segment) butterfly stages across
+  the chunks of each aligned run of `segment` chunks. All slices are static and m-aligned (m =
+  128, or the whole row), so Mosaic needs no relayouts."""
+  m = h.shape[0]
+  chunks = x_ref.shape[-1] // m
   for c in range(chunks):  # H_m per chunk on the MXU (+-1 entries: exact in bf16 and f32)
     sl = slice(c * m, (c + 1) * m)
     acc_ref[:, sl] = jnp.dot(x_ref[:, sl].astype(h.dtype), h, preferred_element_type=jnp.float32,
                              precision=jax.lax.Precision.HIGHEST)
   stride = 1
-  while stride < chunks:  # log2(chunks) butterfly stages across chunks: (a, b) -> (a + b, a - b)
+  while stride < segment:  # butterflies across chunks: (a, b) -> (a + b, a - b)
     for j in range(chunks):
       if not j & stride:
         lo, hi = slice(j * m, (j + 1) * m), slice((j + stride) * m, (j + stride + 1) * m)
@@ -139,6 +138,12 @@ def _fwht_kernel(x_ref, h_ref, o_ref, acc_ref, *, scale: float):
         acc_ref[:, lo] = a + b
         acc_ref[:, hi] = a - b
     stride *= 2
+
+
+def _fwht_kernel(x_ref, h_ref, o_ref, acc_ref, *, scale: float):
+  """x_ref, o_ref: [block_rows, width]; h_ref: [m, m] +-1 (m = min(width, 128), or kron(I, H_b)
+  when b < 128); acc_ref: float32 VMEM scratch [block_rows, width]."""
+  hadamard_into(x_ref, h_ref[...], acc_ref, x_ref.shape[-1] // h_ref.shape[0])
   o_ref[...] = (acc_ref[...] * scale).astype(o_ref.dtype)
 
 
@@ -170,26 +175,15 @@ def _fwht_pallas(x: jax.Array, b: int, block_sizes: BlockSizes, interpret) -> ja
   return out[:rows].reshape(shape)
 
 
-def out_struct(shape, dtype, *inputs) -> jax.ShapeDtypeStruct:
-  """A pallas_call output type that varies over every manual mesh axis any input varies over
-  (what `shard_map(check_vma=True)` needs to type the kernel's result)."""
-  mats = [jax.typeof(a).mat for a in inputs]
-  varying = frozenset().union(*(m.varying for m in mats))
-  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mats[0].update(varying=varying))
-
-
-def interpret_params():
-  """TPU interpret mode with race detection and NaN-filled uninitialised memory (CPU tests)."""
-  return pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan")
-
-
 # ------------------------------------------------------------------------------------ wrapper
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _fwht(x, b, impl, block_sizes):
   if impl == "xla":
     return _fwht_xla(x, b)
-  return _fwht_pallas(x, b, block_sizes, interpret_params() if impl == "pallas_interpret"
-                      else False)
+  if impl in GPU_IMPLS:
+    return hadamard_gpu.fwht_gpu(x, b, block_sizes, impl == "pallas_gpu_interpret")
+  return _fwht_pallas(x, b, block_sizes or BlockSizes(),
+                      interpret_params() if impl == "pallas_interpret" else False)
 
 
 def _fwht_fwd(x, b, impl, block_sizes):
@@ -205,13 +199,17 @@ _fwht.defvjp(_fwht_fwd, _fwht_bwd)
 
 @functools.partial(jax.jit, static_argnames=("block", "impl", "block_sizes"))
 def fwht(x: jax.Array, block: int | None = None, *, impl: str = "xla",
-         block_sizes: BlockSizes = BlockSizes()) -> jax.Array:
+         block_sizes: BlockSizes | hadamard_gpu.BlockSizes | None = None) -> jax.Array:
   """Normalised Walsh–Hadamard transform of the last axis in blocks of `block` (None: all of it).
 
   Floating inputs only (float32 or bfloat16); the result has the input's dtype, computed in
-  float32. `impl` is "xla", "pallas" (TPU) or "pallas_interpret" (the TPU kernel on CPU).
+  float32. `impl` is "xla", "pallas" (TPU), "pallas_gpu" (GPU, blocks up to 16384), or
+  "pallas_interpret" / "pallas_gpu_interpret" (those kernels on CPU). `block_sizes`: the
+  kernel's dataclass (`BlockSizes` for TPU, `hadamard_gpu.BlockSizes` for GPU); None: defaults.
   """
   check_impl(impl)
+  check_backend(impl)
+  check_block_sizes(block_sizes, impl, BlockSizes, hadamard_gpu.BlockSizes)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"fwht needs a floating input, got {x.dtype}.")
   return _fwht(x, _block_of(x, block), impl, block_sizes)

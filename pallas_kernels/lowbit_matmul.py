@@ -24,7 +24,9 @@ Grid (M / bm, N / bn, U / bku), semantics parallel / parallel / arbitrary, an f3
 accumulator; block shapes are multiples of (8, 128) (bytes: (32, 128)); inputs are zero-padded
 to whole blocks (pick K, N multiples of the blocks to avoid the copy). `impl` picks "xla" (the
 reference: unpack, decode, dot), "pallas" (TPU) or "pallas_interpret" (the TPU kernel on CPU,
-race detection on). The custom VJP differentiates x and the scales through the reference.
+race detection on), "pallas_gpu" (the GPU Triton kernel of `pallas_kernels.lowbit_matmul_gpu`:
+a CUDA-core GEMV for M = 1, tensor-core dots otherwise) or "pallas_gpu_interpret" (that kernel
+on CPU). The custom VJP differentiates x and the scales through the reference, whatever `impl`.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.hadamard import check_impl, interpret_params, out_struct
+from pallas_kernels import lowbit_matmul_gpu
+from pallas_kernels.common import (GPU_IMPLS, check_backend, check_block_sizes, check_impl,
+                                   interpret_params, out_struct, pad2, round_up)
 
 # format -> (codes per byte, bits per code; 0 = base 3)
 KERNEL_FORMATS = {"1": (8, 1), "ternary": (5, 0), "2": (4, 2), "4": (2, 4), "8": (1, 8)}
@@ -213,20 +217,12 @@ def _group_kernel(x_ref, c_ref, p_ref, q_ref, o_ref, acc_ref, *, layout, bku):
     o_ref[...] = acc_ref[...].astype(o_ref.dtype)
 
 
-def _round_up(v, m):
-  return -(-v // m) * m
-
-
-def _pad2(a, rows, cols):
-  return jnp.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1])))
-
-
 def _lowbit_pallas(x_MK, codes_UN, scale_GN, zero_GN, x_scale_M, layout: Layout, out_dtype,
                    block_sizes: BlockSizes | None, interpret):
   m, n = x_MK.shape[0], codes_UN.shape[1]
   per, units = layout.per, layout.units
   bs = block_sizes or BlockSizes.for_shape(m, n, units)
-  mp, np_, up = _round_up(m, bs.bm), _round_up(n, bs.bn), _round_up(units, bs.bku)
+  mp, np_, up = round_up(m, bs.bm), round_up(n, bs.bn), round_up(units, bs.bku)
   integer = x_scale_M is not None
   grouped = layout.group_size != layout.k
 
@@ -234,11 +230,11 @@ def _lowbit_pallas(x_MK, codes_UN, scale_GN, zero_GN, x_scale_M, layout: Layout,
   shift = a + b * layout.offset
   zero = 0.0 if zero_GN is None else zero_GN.astype(jnp.float32)
   scale = scale_GN.astype(jnp.float32)
-  p_GN, q_GN = _pad2(b * scale, scale.shape[0], np_), _pad2((shift - zero) * scale,
-                                                            scale.shape[0], np_)
+  p_GN, q_GN = pad2(b * scale, scale.shape[0], np_), pad2((shift - zero) * scale,
+                                                           scale.shape[0], np_)
 
-  x_t = _pad2(x_MK, mp, up * per).reshape(mp, up, per).transpose(2, 0, 1)  # [per, Mp, Up]
-  codes = _pad2(codes_UN, up, np_)
+  x_t = pad2(x_MK, mp, up * per).reshape(mp, up, per).transpose(2, 0, 1)  # [per, Mp, Up]
+  codes = pad2(codes_UN, up, np_)
   x_spec = pl.BlockSpec((per, bs.bm, bs.bku), lambda i, j, k: (0, i, k))
   c_spec = pl.BlockSpec((bs.bku, bs.bn), lambda i, j, k: (k, j))
   o_spec = pl.BlockSpec((bs.bm, bs.bn), lambda i, j, k: (i, j))
@@ -260,7 +256,7 @@ def _lowbit_pallas(x_MK, codes_UN, scale_GN, zero_GN, x_scale_M, layout: Layout,
     ch_spec = pl.BlockSpec((1, bs.bn), lambda i, j, k: (0, j))
     kernel = functools.partial(_channel_kernel, layout=layout)
     in_specs = [x_spec, c_spec, ch_spec, ch_spec, row_spec, row_spec]
-    args = [x_t, codes, p_GN, q_GN, _pad2(rowsum.astype(jnp.float32), mp, 1), _pad2(xs, mp, 1)]
+    args = [x_t, codes, p_GN, q_GN, pad2(rowsum.astype(jnp.float32), mp, 1), pad2(xs, mp, 1)]
     acc_dtype = jnp.int32 if integer else jnp.float32
 
   out = pl.pallas_call(
@@ -284,6 +280,10 @@ def _lowbit(x_MK, codes_UN, scale_GN, zero_GN, x_scale_M, layout, impl, block_si
   if impl == "xla":
     return lowbit_matmul_reference(x_MK, codes_UN, scale_GN, zero_GN, x_scale_M,
                                    layout).astype(out_dtype)
+  if impl in GPU_IMPLS:
+    return lowbit_matmul_gpu.lowbit_matmul_gpu(x_MK, codes_UN, scale_GN, zero_GN, x_scale_M,
+                                               layout, out_dtype, block_sizes,
+                                               impl == "pallas_gpu_interpret")
   return _lowbit_pallas(x_MK, codes_UN, scale_GN, zero_GN, x_scale_M, layout, out_dtype,
                         block_sizes, interpret_params() if impl == "pallas_interpret" else False)
 
@@ -313,14 +313,22 @@ _lowbit.defvjp(_lowbit_fwd, _lowbit_bwd)
 
 @functools.partial(jax.jit, static_argnames=("layout", "impl", "block_sizes", "out_dtype"))
 def lowbit_matmul(x, codes_UN, scale_GN, zero_GN=None, x_scale=None, *, layout: Layout,
-                  impl: str = "xla", block_sizes: BlockSizes | None = None, out_dtype=None):
+                  impl: str = "xla",
+                  block_sizes: BlockSizes | lowbit_matmul_gpu.BlockSizes | None = None,
+                  out_dtype=None):
   """`x [..., K] @ W[K, N]` for a packed W (see the module docstring for the layout).
 
   x: float32 / bfloat16, or int8 with `x_scale [...]` (per token; x is `x_int * x_scale`).
   Returns [..., N] in `out_dtype` (default: x's dtype, float32 for int8 inputs).
   Differentiable in x (float) and `scale_GN`; codes and zero points are constants.
+  `impl`: "xla", "pallas" (TPU), "pallas_gpu" (GPU, `lowbit_matmul_gpu`), or
+  "pallas_interpret" / "pallas_gpu_interpret" (those kernels on CPU). `block_sizes`: the
+  kernel's dataclass (`BlockSizes` for TPU, `lowbit_matmul_gpu.BlockSizes` for GPU); None:
+  defaults for the shape.
   """
   check_impl(impl)
+  check_backend(impl)
+  check_block_sizes(block_sizes, impl, BlockSizes, lowbit_matmul_gpu.BlockSizes)
   k, n = layout.k, codes_UN.shape[-1]
   if x.shape[-1] != k:
     raise ValueError(f"x has {x.shape[-1]} features but the packed weight has K = {k}.")

@@ -1,6 +1,7 @@
 """Pallas kernels: every kernel in TPU interpret mode (race detection on) against its pure-jnp
 reference, forward and gradients; TPU lowering (Mosaic custom call) on this CPU machine;
-shard_map on 8 simulated devices equals one device; the packed model on the kernels equals XLA."""
+shard_map on 8 simulated devices equals one device; the packed model on the kernels equals XLA
+(TPU and GPU kernels; the GPU kernels' own tests are in test_pallas_gpu.py)."""
 
 import dataclasses
 
@@ -17,6 +18,7 @@ from jaxllm.models import llama
 from jaxllm.quant import packing
 from pallas_kernels import hadamard as hk
 from pallas_kernels import lowbit_matmul as lb
+from pallas_kernels import rotate_quantize as rq
 
 S = jax.ShapeDtypeStruct
 FORMATS = list(lb.KERNEL_FORMATS)
@@ -96,6 +98,58 @@ def test_fwht_bad_input():
     hk.fwht(jnp.ones((2, 64), jnp.int32))
   with pytest.raises(ValueError, match="multiple of 8"):
     hk.BlockSizes(block_rows=12)
+
+
+# ------------------------------------------------------------------ fused rotate + quantize
+# (bits, shape, block, dtype): blocks of 128 (one MXU chunk each), of 32 sharing 128-lane
+# chunks, of 256 (butterflies across chunks), and a 96-wide row (one narrow chunk); row padding
+RQ_CASES = [(4, (5, 256), 128, jnp.float32), (2, (3, 4, 256), 32, jnp.bfloat16),
+            (quant.quantizers.TERNARY, (7, 512), 256, jnp.float32), (1, (6, 96), 32, jnp.float32)]
+
+
+def _same_codes_up_to_ties(codes, ref, x, block, levels, alpha, step):
+  """Codes equal the reference's, except by one grid step where the exact value is a tie."""
+  y = np.asarray(hk.fwht_reference(x.astype(jnp.float32), block), np.float64)
+  y = y.reshape(-1, y.shape[-1])
+  s = alpha * (np.sqrt(np.mean(y ** 2, axis=-1, keepdims=True)) + rq.EPS)
+  u = (y / s + 1) * ((levels - 1) / 2)
+  diff = (np.asarray(codes, np.int32) - np.asarray(ref, np.int32)).reshape(u.shape)
+  tie = np.abs(u - np.floor(u) - 0.5) < 1e-4
+  assert np.all((diff == 0) | ((np.abs(diff) == step) & tie))
+
+
+@pytest.mark.parametrize("bits,shape,block,dtype", RQ_CASES, ids=lambda v: str(v))
+def test_rotate_quantize_equals_hadamard_then_quantize(bits, shape, block, dtype):
+  x = (3 * jax.random.normal(jax.random.key(0), shape, jnp.float32)).astype(dtype)
+  levels, alpha = quant.quantizers.num_levels(bits), quant.quantizers.quest_alpha(bits)
+  # what packed QuEST inference computes unfused: rotate, then the int8 form of the quantizer
+  ref_codes, ref_scale = quant.policy.integer_activation(
+      quant.hadamard_transform(x.astype(jnp.float32), block), quant.quest(bits, None))
+  oracle = rq.rotate_quantize_reference(x, block, levels, alpha)
+  step = 1 if levels % 2 else 2
+  for impl in ("xla", "pallas_interpret"):
+    codes, scale = rq.rotate_quantize(x, block, levels, alpha, impl=impl)
+    assert codes.dtype == jnp.int8 and codes.shape == shape and scale.shape == shape[:-1]
+    _same_codes_up_to_ties(codes, ref_codes, x, block, levels, alpha, step)
+    _same_codes_up_to_ties(codes, oracle[0], x, block, levels, alpha, step)
+    np.testing.assert_allclose(scale, ref_scale, rtol=1e-6)
+    np.testing.assert_allclose(scale, oracle[1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("k,block,dtype", [(4096, 128, jnp.bfloat16), (1024, 1024, jnp.float32),
+                                           (256, 32, jnp.float32), (96, 32, jnp.bfloat16)])
+def test_rotate_quantize_lowers_for_tpu(k, block, dtype):
+  assert _lowers(lambda x: rq.rotate_quantize(x, block, 16, 2.51393, impl="pallas"),
+                 S((64, k), dtype))
+
+
+def test_rotate_quantize_bad_input():
+  with pytest.raises(ValueError, match="no GPU kernel: use impl='xla'"):
+    rq.rotate_quantize(jnp.ones((2, 128)), 128, 16, 2.5, impl="pallas_gpu_interpret")
+  with pytest.raises(ValueError, match="no int8 form"):
+    rq.rotate_quantize(jnp.ones((2, 128)), 128, 256, 3.9)
+  with pytest.raises(ValueError, match="multiple of 32"):
+    rq.BlockSizes(block_rows=8)
 
 
 # ---------------------------------------------------------------------------- low-bit matmul
@@ -201,27 +255,34 @@ def test_lowbit_matmul_bad_input():
 
 
 # ------------------------------------------------------------------------- sharded and in models
-def test_kernels_under_shard_map_on_8_devices_equal_one_device():
+@pytest.mark.parametrize("impl", ["pallas_interpret", "pallas_gpu_interpret"])
+def test_kernels_under_shard_map_on_8_devices_equal_one_device(impl):
   mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
   codes, scale, zero, layout = _packed("2", 512, 256, 128, zero=True)
   x = jax.random.normal(jax.random.key(0), (32, 512))
 
   def mm(x, c, s, z):
-    return lb.lowbit_matmul(x, c, s, z, layout=layout, impl="pallas_interpret")
+    return lb.lowbit_matmul(x, c, s, z, layout=layout, impl=impl)
 
+  # JAX's generic interpreter (GPU interpret mode) loses the manual-axis types of its grid loop's
+  # carry under check_vma; the compiled GPU kernel keeps them (test_pallas_gpu exports it for
+  # CUDA under shard_map with check_vma on)
+  vma = impl != "pallas_gpu_interpret"
   specs = (P("data"), P(None, "model"), P(None, "model"), P(None, "model"))
   args = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip((x, codes, scale, zero), specs)]
-  sharded = jax.jit(jax.shard_map(mm, mesh=mesh, in_specs=specs, out_specs=P("data", "model")))
+  sharded = jax.jit(jax.shard_map(mm, mesh=mesh, in_specs=specs, out_specs=P("data", "model"),
+                                  check_vma=vma))
   out = sharded(*args)
   assert len(out.sharding.device_set) == 8
   _close(out, mm(x, codes, scale, zero), 1e-6)
 
   def rot(x):
-    return hk.fwht(x, 128, impl="pallas_interpret")
+    return hk.fwht(x, 128, impl=impl)
 
   rows = P(("data", "model"))
   xs = jax.device_put(x, NamedSharding(mesh, rows))
-  _close(jax.jit(jax.shard_map(rot, mesh=mesh, in_specs=rows, out_specs=rows))(xs), rot(x), 1e-6)
+  _close(jax.jit(jax.shard_map(rot, mesh=mesh, in_specs=rows, out_specs=rows, check_vma=vma))(xs),
+         rot(x), 1e-6)
 
 
 POLICIES = {  # weight-only: the whole model must agree (activation quantizers amplify float
@@ -243,11 +304,12 @@ def test_packed_model_on_kernels_equals_xla(name):
   params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens))["params"]
   packed, _ = quant.quantize_params(params, policy)
   logits = {}
-  for kernels in ("xla", "pallas_interpret"):
+  for kernels in ("xla", "pallas_interpret", "pallas_gpu_interpret"):
     m = dataclasses.replace(policy, kernels=kernels).apply(model.model)
     logits[kernels] = jax.jit(lambda p, t, m=m: m.apply({"params": p}, t)[0])(packed, tokens)
   ref = logits["xla"]
   _close(logits["pallas_interpret"], ref, 1e-5)
+  _close(logits["pallas_gpu_interpret"], ref, 1e-5)
   with quant.packed_intercept("pallas_interpret"):
     again = jax.jit(lambda p, t: model.model.apply({"params": p}, t)[0])(packed, tokens)
   _close(again, ref, 1e-5)
@@ -267,10 +329,11 @@ def test_packed_dense_integer_path_equals_xla(weight, act):
   xq = quant.hadamard_transform(x, act.hadamard_block) if act.hadamard_block else x
   assert quant.policy.integer_activation(xq, act) is not None  # the int8 path applies
   out = {}
-  for kernels in ("xla", "pallas_interpret"):
+  for kernels in ("xla", "pallas_interpret", "pallas_gpu_interpret"):
     with quant.packed_intercept(kernels):
       out[kernels] = jax.jit(lambda p, x: dense.apply({"params": p}, x))(packed["proj"], x)
   _close(out["pallas_interpret"], out["xla"], 1e-5)
+  _close(out["pallas_gpu_interpret"], out["xla"], 1e-5)
 
 
 def test_integer_activation_form_is_exact():
@@ -287,6 +350,8 @@ def test_kernels_choice_is_explicit_in_config():
   from jaxllm.config import QuantConfig
   cfg = QuantConfig(rules=({"pattern": ".*", "weight": "quest:4"},), kernels="pallas")
   assert cfg.policy().kernels == "pallas" and QuantConfig().kernels == "xla"
+  gpu = dataclasses.replace(cfg, kernels="pallas_gpu")
+  assert gpu.policy().kernels == "pallas_gpu"
   with pytest.raises(ValueError, match="quant.kernels='gpu'"):
     QuantConfig(kernels="gpu")
   with pytest.raises(ValueError, match="choose one of"):
@@ -308,3 +373,13 @@ def test_kernel_benchmark_script_runs(capsys):
   mm = next(r for r in rows if r["op"] == "matmul_2" and r["shape"] == "1x1024x1024")
   assert mm["bytes"] == 1024 * 1024 // 4 + 1024 * 4 + 2 * 1024 + 2 * 1024
   assert "roofline" in capsys.readouterr().out
+  # the GPU device check's own code path, on the GPU kernels in interpret mode at tiny shapes
+  rows = bench.main(["--quick", "--device-check"])
+  assert bench.failures(rows) == 0 and not any("error" in r for r in rows)
+  kern = [r for r in rows if r["impl"] == "pallas_gpu_interpret"]
+  assert {r["op"] for r in kern} == {"gemv_2", "gemv_4_a8", "gemm_2", "fwht"}
+  assert all(r["err"] < 1e-2 and r["us"] > 0 for r in kern)
+  gemv = next(r for r in kern if r["op"] == "gemv_2")
+  assert gemv["bytes"] == 256 * 256 // 4 + 256 * 4 + 2 * 256 + 2 * 256 and gemv["speedup"] > 0
+  assert all(r["vs_copy"] > 0 for r in kern if r["op"] == "fwht")
+  assert "target: packed 2-bit GEMV" in capsys.readouterr().out

@@ -5,9 +5,9 @@ QuEST rotates activations and weights with the same orthogonal block-diagonal ma
 `(x H)(W H)^T = x W^T` and both operands can be quantized in the rotated domain, where they are
 close to Gaussian. Everything goes through `hadamard_transform`, the fast Walsh–Hadamard
 transform of `pallas_kernels.hadamard` (O(b log b) per block instead of a dense b x b matmul);
-`impl` chooses its XLA path ("xla", the default, for CPU and GPU) or the TPU Pallas kernel
-("pallas", or "pallas_interpret" to run that kernel on CPU). `hadamard_matrix` is the dense
-matrix, for tests and references.
+`impl` chooses its XLA path ("xla", the default, any backend), the TPU Pallas kernel
+("pallas"), the GPU Pallas kernel ("pallas_gpu"), or either kernel on CPU ("pallas_interpret",
+"pallas_gpu_interpret"). `hadamard_matrix` is the dense matrix, for tests and references.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def hadamard_transform(x: jax.Array, block: int, impl: str = "xla") -> jax.Array
   """`x @ blockdiag(H_block, ..., H_block)` along the last axis (its size a multiple of `block`).
 
   `H` is symmetric and orthogonal, so the transform is its own inverse and its VJP is itself.
-  `impl`: "xla" | "pallas" | "pallas_interpret" (see `pallas_kernels.hadamard.fwht`).
+  `impl`: "xla" | "pallas" | "pallas_gpu" | "pallas_interpret" | "pallas_gpu_interpret" (see
+  `pallas_kernels.hadamard.fwht`).
   """
   k = x.shape[-1]
   if k % block:

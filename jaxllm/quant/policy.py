@@ -24,11 +24,13 @@ Packed inference: a Dense whose `kernel` is a `jaxllm.quant.packing.PackedWeight
 activation quantizer recorded in it; no policy is needed.
 
 Kernels: `Policy.kernels` (and `packed_intercept(kernels=...)`) chooses, explicitly, how the
-Hadamard rotations and packed matmuls run: "xla" (default; CPU and GPU: the fast Walsh–Hadamard
+Hadamard rotations and packed matmuls run: "xla" (default; any backend: the fast Walsh–Hadamard
 transform's XLA path, and dequantize + dot), "pallas" (the TPU kernels of `pallas_kernels`: the
 packed weight is never dequantized in HBM; symmetric per-token activation quantizers feed the
-int8 x low-bit kernel with int32 accumulation), or "pallas_interpret" (those kernels in TPU
-interpret mode on CPU). A packed format without a kernel (3-bit) raises instead of falling back.
+int8 x low-bit kernel with int32 accumulation), "pallas_gpu" (the same on NVIDIA GPUs: the
+Triton variants), or "pallas_interpret" / "pallas_gpu_interpret" (those kernels in interpret mode
+on CPU). A combination without a kernel (3-bit codes; on GPU, Hadamard blocks above 16384) raises
+an error naming what to set instead rather than falling back.
 """
 
 from __future__ import annotations
@@ -154,7 +156,7 @@ class Policy:
   rules: tuple[Rule, ...]
   exclude: tuple[str, ...] = DEFAULT_EXCLUDE
   qat_gate: bool = False  # add a `qat_gate` scalar per quantized layer (see transforms.qat_switch)
-  kernels: str = "xla"  # "xla" | "pallas" | "pallas_interpret" (see the module docstring)
+  kernels: str = "xla"  # "xla" | "pallas" | "pallas_gpu" | "..._interpret" (module docstring)
 
   def __post_init__(self):
     object.__setattr__(self, "rules", tuple(self.rules))
@@ -225,7 +227,8 @@ class QuantizedModel:
 
 def packed_intercept(kernels: str = "xla"):
   """Context for running a model whose Dense kernels were replaced by `PackedWeight`s, with the
-  packed matmuls and rotations on `kernels` ("xla", "pallas" or "pallas_interpret")."""
+  packed matmuls and rotations on `kernels` ("xla", "pallas", "pallas_gpu", or either
+  kernel's "_interpret" form)."""
   check_impl(kernels)
   return nn.intercept_methods(_Interceptor(None, kernels))
 
