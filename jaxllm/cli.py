@@ -8,6 +8,7 @@
     jaxllm quantize --workdir runs/main --weight paretoq:2      # PTQ + packed export
     jaxllm sr train --stage vqvae --workdir runs/vq             # super-resolution, stage 1
     jaxllm sr train --stage sr --vqvae runs/vq --workdir runs/sr   # stage 2 (VARSR)
+    jaxllm sr train --stage cnn --workdir runs/cnn              # regression-CNN baseline
     jaxllm sr upscale in.png out.png --scale 4 --ckpt runs/sr --compare side_by_side.png
 """
 
@@ -212,8 +213,9 @@ def cmd_sr_train(args) -> int:
   from jaxllm.train import sr
   cfg = sr.SRTrainConfig(
       stage=args.stage, workdir=args.workdir, vqvae_preset=args.vqvae_preset,
-      varsr_preset=args.varsr_preset, vqvae_dir=args.vqvae, vqvae_overrides=args.vqvae_set,
-      varsr_overrides=args.varsr_set, data=args.data, scale=args.scale,
+      varsr_preset=args.varsr_preset, cnn_preset=args.cnn_preset, vqvae_dir=args.vqvae,
+      vqvae_overrides=args.vqvae_set, varsr_overrides=args.varsr_set,
+      cnn_overrides=args.cnn_set, crop_size=args.crop_size, data=args.data, scale=args.scale,
       degradation=args.degradation, negative_prob=args.negative_prob, steps=args.steps,
       batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
       log_every=args.log_every, save_every=args.save_every, progress=not args.no_progress)
@@ -242,6 +244,7 @@ def cmd_sr_upscale(args) -> int:
                          top_p=args.top_p, refine=not args.no_refine,
                          refiner_steps=args.refiner_steps)
   images.save_image(args.output, out)
+  out = images.to_uint8(out).astype("float32") / 255.0  # metrics describe the file as written
   result = {"output": str(args.output), "size": list(out.shape[:2])}
   hr = None
   if args.hr:
@@ -253,7 +256,8 @@ def cmd_sr_upscale(args) -> int:
     result["ours"] = sr_metrics(out, hr, args.scale)
     result["bicubic"] = sr_metrics(sr.bicubic_upscale(lr, args.scale), hr, args.scale)
   if args.compare:
-    images.save_image(args.compare, sr.comparison_image(lr, out, args.scale, hr)
+    label = "CNN" if isinstance(model, sr.CNNModel) else "VARSR"
+    images.save_image(args.compare, sr.comparison_image(lr, {label: out}, args.scale, hr)
                       .astype("float32") / 255.0)
     result["compare"] = str(args.compare)
   print(json.dumps(result))
@@ -261,16 +265,22 @@ def cmd_sr_upscale(args) -> int:
 
 
 def _add_sr_parser(sub) -> None:
-  s = sub.add_parser("sr", help="image super-resolution: train the VQ-VAE / VARSR, upscale")
+  s = sub.add_parser("sr", help="image super-resolution: train the VQ-VAE / VARSR / CNN, upscale")
   sr_sub = s.add_subparsers(dest="sr_command", required=True)
-  t = sr_sub.add_parser("train", help="train (or resume) one stage: --stage vqvae, then sr")
-  t.add_argument("--stage", required=True, choices=["vqvae", "sr"])
+  t = sr_sub.add_parser("train", help="train (or resume) one stage: --stage vqvae, then sr; "
+                        "or the cnn baseline")
+  t.add_argument("--stage", required=True, choices=["vqvae", "sr", "cnn"])
   t.add_argument("--workdir", required=True, help="run directory (resumed if it exists)")
   t.add_argument("--vqvae", default=None, metavar="DIR", help="sr stage: the VQ-VAE run")
   t.add_argument("--vqvae-preset", default="small", help="tiny | small | var_f16 | varsr_f16")
   t.add_argument("--varsr-preset", default="small", help="VARSR size: tiny | small")
+  t.add_argument("--cnn-preset", default="small", help="cnn stage: tiny | small")
   t.add_argument("--vqvae-set", nargs="*", default=[], metavar="FIELD=JSON")
-  t.add_argument("--varsr-set", nargs="*", default=[], metavar="FIELD=JSON")
+  t.add_argument("--varsr-set", nargs="*", default=[], metavar="FIELD=JSON",
+                 help="e.g. positions=learned conditioning=additive (the ablations)")
+  t.add_argument("--cnn-set", nargs="*", default=[], metavar="FIELD=JSON")
+  t.add_argument("--crop-size", type=int, default=64,
+                 help="cnn stage: HR crop side (the sr stage uses the VQ-VAE's image size)")
   t.add_argument("--data", default="skimage",
                  help='"skimage" (embedded photos, held-out ones excluded) or a folder')
   t.add_argument("--scale", type=int, default=4)
@@ -290,7 +300,8 @@ def _add_sr_parser(sub) -> None:
   u.add_argument("input", help="LR image (RGB; grayscale / RGBA are converted, with a note)")
   u.add_argument("output", help="where to write the SR image (PNG recommended)")
   u.add_argument("--scale", type=int, required=True, help="must be the checkpoint's scale")
-  u.add_argument("--ckpt", required=True, metavar="DIR", help="a `jaxllm sr train --stage sr` run")
+  u.add_argument("--ckpt", required=True, metavar="DIR",
+                 help="a `jaxllm sr train --stage sr` (or --stage cnn) run")
   u.add_argument("--compare", default=None, metavar="PNG",
                  help="also write LR | bicubic | ours | HR side by side")
   u.add_argument("--hr", default=None, help="ground-truth HR image: PSNR/SSIM, and a panel")

@@ -4,8 +4,10 @@
 The tiny VQ-VAE and VARSR overfit the two crops (teacher-forced token accuracy ~100%), after which
 upscaling a degraded LR of each crop must beat bicubic upsampling of the same LR in PSNR, with the
 PSNR computed independently here (scikit-image's `peak_signal_noise_ratio` on the Y channel).
-Then the bad inputs: a scale the checkpoint was not trained for, an image below the minimum size,
-a missing run, a run of the wrong stage, and grayscale / RGBA files (converted, with a note).
+The regression-CNN baseline (`--stage cnn`) trained on the same crops must beat bicubic the same
+way. Then the bad inputs: a scale the checkpoint was not trained for, an image below the minimum
+size, a missing run, a run of the wrong stage, a bad ablation value, CFG asked of the CNN, and
+grayscale / RGBA files (converted, with a note).
 """
 
 import json
@@ -20,6 +22,7 @@ from jaxllm.data import images
 from jaxllm.eval.sr_metrics import rgb_to_y
 
 STEPS = 600  # both stages; ~25 s each on 2 cores
+CNN_STEPS = 200  # the CNN baseline
 COMMON = ["--steps", str(STEPS), "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "10",
           "--log-every", "100", "--no-progress"]
 
@@ -34,15 +37,21 @@ def _last_json(capsys) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def crops(tmp_path_factory):
+  """{"root": a scratch folder, "data": its folder of two 32-pixel crops of the photos}."""
   root = tmp_path_factory.mktemp("sr")
   data = root / "crops"
   data.mkdir()
   rng = np.random.default_rng(0)
   photos = images.train_photos()
-  crops = [images.random_crop(photos[i], 32, rng) for i in (0, 1)]
-  for i, c in enumerate(crops):
-    images.save_image(data / f"crop{i}.png", c)
+  for i in (0, 1):
+    images.save_image(data / f"crop{i}.png", images.random_crop(photos[i], 32, rng))
+  return {"root": root, "data": data}
+
+
+@pytest.fixture(scope="module")
+def runs(crops):
+  root, data = crops["root"], crops["data"]
   vq, srd = root / "vq", root / "sr"
   assert cli.main(["sr", "train", "--stage", "vqvae", "--workdir", str(vq), "--vqvae-preset",
                    "tiny", "--data", str(data), *COMMON]) == 0
@@ -51,20 +60,28 @@ def runs(tmp_path_factory):
   return {"root": root, "data": data, "vq": vq, "sr": srd}
 
 
-def test_tiny_varsr_overfits_crops_and_beats_bicubic(runs, capsys):
-  capsys.readouterr()
-  metrics = [json.loads(line) for line in (runs["sr"] / "metrics.jsonl").read_text().splitlines()]
-  assert metrics[-1]["step"] == STEPS
-  assert metrics[-1]["token_acc"] >= 0.98, metrics[-1]
+@pytest.fixture(scope="module")
+def cnn_run(crops):
+  """The CNN baseline on the same two crops (32-pixel HR crops, the same degradation)."""
+  cnn = crops["root"] / "cnn"
+  common = ["--steps", str(CNN_STEPS), *COMMON[2:]]
+  assert cli.main(["sr", "train", "--stage", "cnn", "--workdir", str(cnn), "--cnn-preset", "tiny",
+                   "--crop-size", "32", "--data", str(crops["data"]), *common]) == 0
+  return cnn
+
+
+def _upscale_beats_bicubic(crops, ckpt, capsys, tag):
+  """Upscales a fresh degradation of each training crop with `ckpt` through the CLI; checks the
+  output beats bicubic by 0.5 dB (scikit-image PSNR) and that the CLI's metrics agree."""
   for i in range(2):
-    hr, lr = deg.degrade(images.load_image(runs["data"] / f"crop{i}.png"), 100 + i,
+    hr, lr = deg.degrade(images.load_image(crops["data"] / f"crop{i}.png"), 100 + i,
                          deg.varsr_x4())
-    lr_path, out_path = runs["root"] / f"lr{i}.png", runs["root"] / f"sr{i}.png"
-    hr_path, cmp_path = runs["root"] / f"hr{i}.png", runs["root"] / f"cmp{i}.png"
+    lr_path, out_path = crops["root"] / f"lr{i}.png", crops["root"] / f"{tag}{i}.png"
+    hr_path, cmp_path = crops["root"] / f"hr{i}.png", crops["root"] / f"{tag}_cmp{i}.png"
     images.save_image(lr_path, lr)  # LR is on 8-bit levels: the PNG round trip is exact
     images.save_image(hr_path, hr)
     assert cli.main(["sr", "upscale", str(lr_path), str(out_path), "--scale", "4", "--ckpt",
-                     str(runs["sr"]), "--hr", str(hr_path), "--compare", str(cmp_path)]) == 0
+                     str(ckpt), "--hr", str(hr_path), "--compare", str(cmp_path)]) == 0
     result = _last_json(capsys)
     out = images.load_image(out_path)
     assert out.shape == (32, 32, 3) and result["size"] == [32, 32]
@@ -77,6 +94,32 @@ def test_tiny_varsr_overfits_crops_and_beats_bicubic(runs, capsys):
     assert result["ours"]["psnr"] == pytest.approx(ours, abs=0.05)
     assert result["bicubic"]["psnr"] == pytest.approx(bicubic, abs=0.05)
     assert set(result["ours"]) >= {"psnr", "ssim"}
+
+
+def test_tiny_varsr_overfits_crops_and_beats_bicubic(runs, capsys):
+  capsys.readouterr()
+  metrics = [json.loads(line) for line in (runs["sr"] / "metrics.jsonl").read_text().splitlines()]
+  assert metrics[-1]["step"] == STEPS
+  assert metrics[-1]["token_acc"] >= 0.98, metrics[-1]
+  _upscale_beats_bicubic(runs, runs["sr"], capsys, "sr")
+
+
+def test_cnn_baseline_fits_crops_and_beats_bicubic(crops, cnn_run, capsys):
+  capsys.readouterr()
+  metrics = [json.loads(line) for line in (cnn_run / "metrics.jsonl").read_text().splitlines()]
+  assert metrics[-1]["step"] == CNN_STEPS
+  # it starts as bicubic (zero last conv) and ends clearly above it on its training batches
+  assert metrics[-1]["psnr"] > metrics[-1]["psnr_bicubic"] + 1.0, metrics[-1]
+  _upscale_beats_bicubic(crops, cnn_run, capsys, "cnn")
+  lr = images.load_image(crops["root"] / "lr0.png")
+  assert cli.main(["sr", "upscale", str(crops["root"] / "lr0.png"), str(crops["root"] / "c.png"),
+                   "--scale", "4", "--ckpt", str(cnn_run), "--cfg", "2"]) == 2
+  assert "--cfg is for VARSR runs" in capsys.readouterr().err
+  # fully convolutional: an LR of any size, here 5 x 7, comes out 20 x 28
+  images.save_image(crops["root"] / "odd.png", lr[:5, :7])
+  assert cli.main(["sr", "upscale", str(crops["root"] / "odd.png"), str(crops["root"] / "o.png"),
+                   "--scale", "4", "--ckpt", str(cnn_run)]) == 0
+  assert images.load_image(crops["root"] / "o.png").shape == (20, 28, 3)
 
 
 def test_upscale_bad_input_gets_a_clear_error(runs, capsys, tmp_path):
@@ -113,6 +156,11 @@ def test_train_bad_input_gets_a_clear_error(runs, capsys, tmp_path):
                "--vqvae-set", "chh=8"], "has no field 'chh'"),
       (base + ["--stage", "sr", "--vqvae", str(runs["vq"]), "--workdir", str(tmp_path / "d"),
                "--scale", "3"], "not divisible by scale=3"),
+      (base + ["--stage", "sr", "--vqvae", str(runs["vq"]), "--workdir", str(tmp_path / "f"),
+               "--varsr-preset", "tiny", "--varsr-set", "conditioning=cross"],
+       "VARSRConfig.conditioning='cross'"),
+      (base + ["--stage", "cnn", "--workdir", str(tmp_path / "g"), "--scale", "3"],
+       "power of two"),
       (["sr", "train", "--stage", "vqvae", "--workdir", str(tmp_path / "e"), "--data",
         str(tmp_path / "no_such_folder")], "neither 'skimage' nor a folder"),
   ]

@@ -252,8 +252,24 @@ def tiny_sr():
   return varsr, cfg, model, params, vq, vq_params, lr, hr
 
 
-def test_varsr_kv_cached_generation_equals_full_forward(tiny_sr):
-  varsr, cfg, model, params, vq, vq_params, lr, _ = tiny_sr
+@pytest.fixture(scope="module")
+def tiny_sr_additive(tiny_sr):
+  """The same VQ-VAE and images; VARSR with additive LR conditioning (no prefix tokens)."""
+  varsr, _cfg, _model, _params, vq, vq_params, lr, hr = tiny_sr
+  cfg = varsr.tiny(conditioning="additive")
+  model = varsr.VARSR(cfg)
+  params = np_init(model, lr, jnp.zeros((2,), jnp.int32),
+                   jnp.zeros((2, cfg.seq_len - 1, cfg.c_vae)), seed=4)
+  return varsr, cfg, model, params, vq, vq_params, lr, hr
+
+
+SR_MODES = {"prefix": "tiny_sr", "additive": "tiny_sr_additive"}
+
+
+@pytest.mark.parametrize("conditioning", SR_MODES)
+def test_varsr_kv_cached_generation_equals_full_forward(conditioning, request):
+  varsr, cfg, model, params, vq, vq_params, lr, _ = request.getfixturevalue(SR_MODES[conditioning])
+  assert cfg.conditioning == conditioning
   out = varsr.upscale(model, params, vq, vq_params, lr, jax.random.key(1), cfg=None,
                       top_k=4, top_p=0.9, refine=True, refiner_steps=3)
   x = vq.apply({"params": vq_params}, out["idx"], method="idx_to_var_input")
@@ -263,14 +279,18 @@ def test_varsr_kv_cached_generation_equals_full_forward(tiny_sr):
   assert varsr.varsr_d24().seq_len == 2240 and varsr.varsr_d24().prefix_len == 1024
 
 
-def test_varsr_image_cfg_zero_equals_positive_conditioning(tiny_sr):
-  varsr, _cfg, model, params, vq, vq_params, lr, _ = tiny_sr
+@pytest.mark.parametrize("conditioning", SR_MODES)
+def test_varsr_image_cfg_zero_equals_positive_conditioning(conditioning, request):
+  varsr, _cfg, model, params, vq, vq_params, lr, _ = request.getfixturevalue(
+      SR_MODES[conditioning])
   kw = dict(top_k=4, top_p=0.9, refine=True, refiner_steps=3)
   pos = varsr.upscale(model, params, vq, vq_params, lr, jax.random.key(1), cfg=None, **kw)
   zero = varsr.upscale(model, params, vq, vq_params, lr, jax.random.key(1), cfg=0.0, **kw)
   for a, b in zip(pos["idx"], zero["idx"]):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   np.testing.assert_allclose(np.asarray(zero["f_hat"]), np.asarray(pos["f_hat"]), atol=1e-4)
+  if conditioning != "prefix":
+    return  # the tiling below does not depend on the conditioning
   # end to end on a 4 x 6 LR image: two overlapping tiles, decoded, colour-fixed, blended
   fn = varsr.make_upscaler(model, params, vq, vq_params, seed=1, cfg=None, **kw)
   lr_img = (np.asarray(lr[0, :, :3]) + 1) / 2
@@ -279,17 +299,21 @@ def test_varsr_image_cfg_zero_equals_positive_conditioning(tiny_sr):
   assert sr.shape == (16, 24, 3) and 0 <= sr.min() and sr.max() <= 1
 
 
-def test_varsr_loss_bad_input_and_colour_fix(tiny_sr):
-  varsr, cfg, model, params, _vq, _vq_params, lr, hr = tiny_sr
+def _varsr_loss_and_grads(varsr, cfg, model, params, lr):
+  """The VARSR loss on a pre-tokenised batch (a random quantizer's pyramid of random f)."""
   quant = vqm.MultiScaleQuantizer(cfg.vocab_size, cfg.c_vae, cfg.patch_nums, num_phi=2)
   q_params = np_init(quant, jnp.zeros((1, 8, 8, cfg.c_vae)), seed=5, std=0.5)
   f = jnp.asarray(np.random.default_rng(1).normal(size=(2, 8, 8, cfg.c_vae)), jnp.float32)
   idx, _, f_rest = quant.apply({"params": q_params}, f, method="encode")
-  loss_fn = varsr.varsr_loss_fn(model, quant, q_params)  # pre-tokenised batch
+  loss_fn = varsr.varsr_loss_fn(model, quant, q_params)
   batch = {"lr": lr, "idx": jnp.concatenate(idx, 1), "f_rest": f_rest,
            "label": jnp.array([0, 1])}
-  (loss, n), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-      params, batch, jax.random.key(0))
+  return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, batch, jax.random.key(0))
+
+
+def test_varsr_loss_bad_input_and_colour_fix(tiny_sr):
+  varsr, cfg, model, params, _vq, _vq_params, lr, hr = tiny_sr
+  (loss, n), grads = _varsr_loss_and_grads(varsr, cfg, model, params, lr)
   assert float(n) == 2 and np.isfinite(float(loss))
   for name in ("lr_encoder", "refiner", "class_emb"):
     assert float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(grads[name]))) > 0, name
@@ -334,3 +358,31 @@ def test_varsr_learned_positions_variant_and_config_errors():
     varsr.tiny(image_size=32)
   with pytest.raises(ValueError, match="positions"):
     varsr.tiny(positions="alibi")
+  with pytest.raises(ValueError, match="conditioning"):
+    varsr.tiny(conditioning="cross_attention")
+
+
+def test_varsr_additive_conditioning_pools_the_lr_map_into_every_scale(tiny_sr_additive):
+  varsr, cfg, model, params, _vq, _vq_params, lr, _ = tiny_sr_additive
+  assert cfg.prefix_len == 0 and len(cfg.levels()) == cfg.seq_len  # just VAR's sequence
+  assert params["pos_start"].shape == (1, cfg.width)
+  # the additive term of every scale is the encoder map's block mean (8 / pn pixels per token)
+  m_BPPD = jnp.asarray(np.random.default_rng(2).normal(size=(2, 8, 8, cfg.width)), jnp.float32)
+  added = model.apply({"params": params}, m_BPPD, 0, len(cfg.patch_nums),
+                      method=lambda mod, *a: mod._lr_added(*a))
+  m = np.asarray(m_BPPD)
+  expect = np.concatenate([m.reshape(2, pn, 8 // pn, pn, 8 // pn, -1).mean((2, 4))
+                           .reshape(2, pn * pn, -1) for pn in cfg.patch_nums], 1)
+  np.testing.assert_allclose(np.asarray(added), expect, atol=1e-5)
+  # so the LR reaches every scale, the first (class token) one included, and the loss trains
+  # the encoder
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, cfg.seq_len - 1, cfg.c_vae)),
+                  jnp.float32)
+  fwd = jax.jit(lambda p, a: model.apply({"params": p}, a, jnp.zeros((2,), jnp.int32), x)[0])
+  a, b = np.asarray(fwd(params, lr)), np.asarray(fwd(params, lr[::-1]))
+  for lo, hi in cfg.begin_ends():
+    assert np.abs(a[0, lo:hi] - b[0, lo:hi]).max() > 1e-4, (lo, hi)
+  (loss, _), grads = _varsr_loss_and_grads(varsr, cfg, model, params, lr)
+  assert np.isfinite(float(loss))
+  for name in ("lr_encoder", "refiner"):
+    assert float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(grads[name]))) > 0, name

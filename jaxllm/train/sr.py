@@ -1,6 +1,7 @@
-"""Super-resolution training and inference drivers: the VQ-VAE stage, the VARSR stage, upscaling.
+"""Super-resolution training and inference drivers: the VQ-VAE stage, the VARSR stage, the CNN
+baseline, upscaling.
 
-Two stages, each a run directory (`workdir`) holding `config.json`, Orbax checkpoints
+Three stages, each a run directory (`workdir`) holding `config.json`, Orbax checkpoints
 (`jaxllm.train.checkpoint.Checkpointer`), `metrics.jsonl` and TensorBoard events:
 
 1. `stage="vqvae"`: the multi-scale VQ-VAE (`models/var/vqvae.py`) on random HR crops of
@@ -11,6 +12,10 @@ Two stages, each a run directory (`workdir`) holding `config.json`, Orbax checkp
    this run's checkpoint, so one directory is enough to upscale; loss = CE + diff_weight x
    diffusion loss; teacher-forced token accuracy is logged. VARSR's shape (vocabulary, Cvae,
    scales, output size) is taken from the VQ-VAE; `varsr_preset` sets the transformer's size.
+3. `stage="cnn"`: the regression-CNN baseline (`models/srcnn.py`), L1 loss, on the pairs of
+   `images.sr_dataset` with HR crops of `crop_size` pixels. It has no quality label, so it trains
+   on positive pairs only (`negative_prob` does not apply); with the same seed and crop size, its
+   pair i is the sr stage's pair i wherever that one is positive. No VQ-VAE is needed.
 
 Batch i of a run is a pure function of (seed, i) (Grain `MapDataset`s), so a resumed run sees
 the batches it would have seen. `upscale_image` runs a trained SR run on an image of any size
@@ -20,6 +25,7 @@ the batches it would have seen. `upscale_image` runs a trained SR run on an imag
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -35,6 +41,7 @@ from tqdm.auto import tqdm
 from jaxllm.config import OptimConfig
 from jaxllm.data import degradations as deg
 from jaxllm.data import images
+from jaxllm.models import srcnn
 from jaxllm.models.var import refiner as refiner_lib
 from jaxllm.models.var import varsr as varsr_lib
 from jaxllm.models.var import vqvae as vqvae_lib
@@ -44,19 +51,22 @@ from jaxllm.train.metrics import MetricsWriter
 from jaxllm.train.optim import make_optimizer
 from jaxllm.train.step import TrainState, make_train_step
 
-STAGES = ("vqvae", "sr")
+STAGES = ("vqvae", "sr", "cnn")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 @dataclasses.dataclass(frozen=True)
 class SRTrainConfig:
-  stage: str = "vqvae"  # "vqvae" | "sr"
+  stage: str = "vqvae"  # "vqvae" | "sr" | "cnn"
   workdir: str = "runs/sr"
   vqvae_preset: str = "small"  # vqvae_lib.PRESETS (stage "vqvae")
   varsr_preset: str = "small"  # VARSR_SIZES (stage "sr")
+  cnn_preset: str = "small"  # srcnn.PRESETS (stage "cnn")
   vqvae_dir: str | None = None  # stage "sr": the run directory of a trained VQ-VAE
   vqvae_overrides: tuple[str, ...] = ()  # "FIELD=JSON" on the VQ-VAE preset, e.g. "ch=8"
   varsr_overrides: tuple[str, ...] = ()  # "FIELD=JSON" on the VARSR config, e.g. "depth=1"
+  cnn_overrides: tuple[str, ...] = ()  # "FIELD=JSON" on the CNN preset, e.g. "num_blocks=4"
+  crop_size: int = 64  # stage "cnn": HR crop side (the sr stage uses the VQ-VAE's image_size)
   data: str = "skimage"  # the embedded photos minus the held-out ones, or a folder of images
   scale: int = 4
   degradation: str = "varsr_x4"  # deg.PRESETS; its scale is replaced by `scale`
@@ -80,6 +90,7 @@ class SRTrainConfig:
                        "`jaxllm sr train --stage vqvae --workdir DIR`).")
     object.__setattr__(self, "vqvae_overrides", tuple(self.vqvae_overrides))
     object.__setattr__(self, "varsr_overrides", tuple(self.varsr_overrides))
+    object.__setattr__(self, "cnn_overrides", tuple(self.cnn_overrides))
     if self.scale < 2 or not 0 <= self.negative_prob <= 1 or self.steps < 1:
       raise ValueError("scale must be >= 2, negative_prob in [0, 1] and steps >= 1.")
 
@@ -88,8 +99,10 @@ class SRTrainConfig:
 VARSR_SIZES = {
     "tiny": dict(depth=2, d_model=32, num_heads=2, lr_channels=(8, 16, 32, 64),
                  refiner=dict(width=64, depth=2)),
+    # refiner no wider than the transformer (VARSR: 1024 vs 1536), so that its 10 sampling
+    # steps cost less than a forward pass of the sequence
     "small": dict(depth=4, d_model=128, num_heads=4, lr_channels=(32, 64, 128, 256),
-                  refiner=dict(width=256, depth=3)),
+                  refiner=dict(width=128, depth=3)),
 }
 
 
@@ -241,6 +254,8 @@ def _abstract_state(model: nn.Module) -> TrainState:
   if isinstance(model, vqvae_lib.VQVAE):
     S = model.config.image_size
     example = (jnp.zeros((1, S, S, 3)),)
+  elif isinstance(model, srcnn.SRCNN):  # fully convolutional: any image size gives the shapes
+    example = (jnp.zeros((1, 4, 4, 3)),)
   else:
     example = _varsr_example(model.config)
   return jax.eval_shape(_init_fn(model, example, optimizer), 0)
@@ -264,6 +279,8 @@ def _stage_setup(cfg: SRTrainConfig):
 
     record = {"vqvae": dataclasses.asdict(vq_cfg)}
     return model, loss_fn, (jnp.zeros((1, S, S, 3)),), data, None, eval_fn, record
+  if cfg.stage == "cnn":
+    return _cnn_setup(cfg, photos)
   vq, vq_params = load_vqvae(cfg.vqvae_dir)
   c = varsr_config_for(vq.config, cfg.scale, cfg.varsr_preset,
                        **parse_overrides(cfg.varsr_overrides, varsr_lib.VARSRConfig))
@@ -289,6 +306,28 @@ def _stage_setup(cfg: SRTrainConfig):
   return model, loss_fn, _varsr_example(c), data, vq_params, eval_fn, record
 
 
+def _batch_psnr(x, y):
+  """PSNR of images in [-1, 1] (x clipped), over the whole batch."""
+  return 10 * jnp.log10(4.0 / jnp.mean((jnp.clip(x, -1, 1) - y) ** 2))
+
+
+def _cnn_setup(cfg: SRTrainConfig, photos):
+  c = srcnn.preset(cfg.cnn_preset, **{"scale": cfg.scale,
+                                      **parse_overrides(cfg.cnn_overrides, srcnn.SRCNNConfig)})
+  model = srcnn.SRCNN(c)
+  dcfg = deg.preset(cfg.degradation, scale=cfg.scale)
+  data = images.sr_dataset(photos, cfg.crop_size, dcfg, cfg.seed).batch(cfg.batch_size)
+
+  def eval_fn(params, _extra, batch):
+    sr = model.apply({"params": params}, batch["lr"])
+    return {"psnr": _batch_psnr(sr, batch["hr"]),
+            "psnr_bicubic": _batch_psnr(srcnn.bicubic_upsample(batch["lr"], c.scale), batch["hr"])}
+
+  s = cfg.crop_size // cfg.scale
+  return (model, srcnn.l1_loss_fn(model), (jnp.zeros((1, s, s, 3)),), data, None, eval_fn,
+          {"cnn": dataclasses.asdict(c)})
+
+
 def train(cfg: SRTrainConfig) -> dict[str, Any]:
   """Trains (or resumes) one stage; returns {"state", "extra", "metrics" (last logged)}."""
   workdir = Path(cfg.workdir)
@@ -301,7 +340,8 @@ def train(cfg: SRTrainConfig) -> dict[str, Any]:
   cfg_path = workdir / "config.json"
   if cfg_path.is_file():
     old = json.loads(cfg_path.read_text())
-    if old.get("stage") != cfg.stage or old.get("vqvae") != json.loads(json.dumps(run["vqvae"])):
+    if old.get("stage") != cfg.stage or old.get("vqvae") != json.loads(
+        json.dumps(run.get("vqvae"))):
       raise FileExistsError(f"{workdir} holds a different run ({old.get('stage')!r} stage); "
                             "choose a new --workdir.")
   workdir.mkdir(parents=True, exist_ok=True)
@@ -348,6 +388,17 @@ def train(cfg: SRTrainConfig) -> dict[str, Any]:
   return {"state": state, "extra": extra, "metrics": last}
 
 
+def train_step_flops(cfg: SRTrainConfig) -> float:
+  """FLOPs of one optimizer step of a stage at `cfg.batch_size`: XLA's cost analysis of the
+  lowered train step (the frozen VQ-VAE's tokenisation included for the sr stage)."""
+  model, loss_fn, example, data, _, _, _ = _stage_setup(cfg)
+  optimizer = make_optimizer(OptimConfig(lr=cfg.lr, schedule="constant"), cfg.steps)
+  state = jax.eval_shape(_init_fn(model, example, optimizer), 0)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in data[0].items()}
+  return float(jax.jit(make_train_step(loss_fn, optimizer)).lower(state, batch)
+               .cost_analysis()["flops"])
+
+
 # ------------------------------------------------------------------------------------- inference
 
 
@@ -369,9 +420,26 @@ class SRModel:
     return self.config.image_size // self.config.scale
 
 
-def load_sr(workdir: str | Path) -> SRModel:
-  """A trained sr-stage run (VARSR and its frozen VQ-VAE) from its directory."""
+@dataclasses.dataclass(frozen=True)
+class CNNModel:
+  """A trained cnn-stage run: the regression baseline (any input size, no sampling options)."""
+
+  model: srcnn.SRCNN
+  params: Any
+  run: dict
+
+  @property
+  def config(self) -> srcnn.SRCNNConfig:
+    return self.model.config
+
+
+def load_sr(workdir: str | Path) -> SRModel | CNNModel:
+  """A trained sr-stage run (VARSR and its frozen VQ-VAE), or a cnn-stage run, from its
+  directory."""
   run = read_run(workdir)
+  if run["stage"] == "cnn":
+    model = srcnn.SRCNN(srcnn.SRCNNConfig(**run["cnn"]))
+    return CNNModel(model, _restore(Path(workdir), _abstract_state(model)).params, run)
   if run["stage"] != "sr":
     raise ValueError(f"{workdir} is a VQ-VAE-stage run; upscaling needs the sr stage trained "
                      f"on it: `jaxllm sr train --stage sr --vqvae {workdir} --workdir SR_DIR`.")
@@ -382,12 +450,14 @@ def load_sr(workdir: str | Path) -> SRModel:
   return SRModel(model, state["train"].params, vq, state["vqvae"], run)
 
 
-def check_input(sr: SRModel, lr: np.ndarray, scale: int) -> None:
+def check_input(sr: SRModel | CNNModel, lr: np.ndarray, scale: int) -> None:
   """Raises a ValueError naming the fix for a scale or an image size the model cannot take."""
   c = sr.config
   if scale != c.scale:
     raise ValueError(f"this checkpoint was trained for x{c.scale} only, not x{scale}: use "
                      f"--scale {c.scale}, or train an sr-stage run with --scale {scale}.")
+  if isinstance(sr, CNNModel):
+    return  # fully convolutional: any size
   need = max(sr.tile // 2, 1)
   if min(lr.shape[:2]) < need:
     raise ValueError(f"input is {lr.shape[0]}x{lr.shape[1]} pixels; this model needs at least "
@@ -395,16 +465,23 @@ def check_input(sr: SRModel, lr: np.ndarray, scale: int) -> None:
                      f"are mirror-padded up to the tile). Use a larger image or enlarge it first.")
 
 
-def upscale_image(sr: SRModel, lr: np.ndarray, scale: int, *, seed: int = 0,
+def upscale_image(sr: SRModel | CNNModel, lr: np.ndarray, scale: int, *, seed: int = 0,
                   cfg: float | None = None, top_k: int = 1, top_p: float = 0.75,
                   refine: bool = True, refiner_steps: int | None = None,
                   overlap: int | None = None, batch: int = 4) -> np.ndarray:
   """LR image [h, w, 3] in [0, 1] (any size >= half a tile) -> SR [h s, w s, 3] in [0, 1].
 
   cfg=None: positive quality label only; a number: image-based CFG against the negative label,
-  which needs a model trained with negative_prob > 0."""
+  which needs a model trained with negative_prob > 0. A `CNNModel` runs on the whole image at
+  once; the sampling options do not apply to it, and a cfg raises."""
   lr = images.to_rgb(lr)
   check_input(sr, lr, scale)
+  if isinstance(sr, CNNModel):
+    if cfg is not None:
+      raise ValueError("--cfg is for VARSR runs; this is a cnn-stage run (a regression CNN with "
+                       "no quality label): drop --cfg.")
+    out = _cnn_apply(sr.model, sr.params, jnp.asarray(lr)[None] * 2 - 1)
+    return np.clip((np.asarray(out[0]) + 1) / 2, 0, 1)
   if cfg is not None and not sr.run["train"].get("negative_prob", 0):
     raise ValueError("this checkpoint never saw negative-quality (class 1) examples, so image "
                      "CFG has nothing to guide against: drop --cfg, or retrain the sr stage with "
@@ -418,22 +495,28 @@ def upscale_image(sr: SRModel, lr: np.ndarray, scale: int, *, seed: int = 0,
   return np.clip(out, 0, 1)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _cnn_apply(model: srcnn.SRCNN, params, lr_BhwC):
+  return model.apply({"params": params}, lr_BhwC)
+
+
 def bicubic_upscale(lr: np.ndarray, scale: int) -> np.ndarray:
   h, w = lr.shape[:2]
   return np.clip(images.resize(images.to_rgb(lr), (h * scale, w * scale), "bicubic"), 0, 1)
 
 
-def comparison_image(lr: np.ndarray, sr: np.ndarray, scale: int,
+def comparison_image(lr: np.ndarray, sr: np.ndarray | dict[str, np.ndarray], scale: int,
                      hr: np.ndarray | None = None) -> np.ndarray:
   """Side-by-side uint8 panel [LR (nearest), bicubic, ours, HR if given] with a label above each
-  (all at the SR size)."""
+  (all at the SR size). `sr` is one image (labelled "VARSR") or {label: image}, in order."""
   from PIL import Image, ImageDraw
   lr = images.to_rgb(lr)
+  outputs = dict(sr) if isinstance(sr, dict) else {"VARSR": sr}
   panels = [("LR (nearest)", np.repeat(np.repeat(lr, scale, 0), scale, 1)),
-            ("bicubic", bicubic_upscale(lr, scale)), ("VARSR", sr)]
+            ("bicubic", bicubic_upscale(lr, scale)), *outputs.items()]
   if hr is not None:
     panels.append(("HR", images.to_rgb(hr)))
-  H, W = sr.shape[:2]
+  H, W = next(iter(outputs.values())).shape[:2]
   label_h, gap = 14, 4
   canvas = Image.new("RGB", (len(panels) * (W + gap) - gap, H + label_h), "white")
   draw = ImageDraw.Draw(canvas)

@@ -158,7 +158,7 @@ def sample(model: DiffusionMLP, params, z_NC, rng, *, num_steps: int | None = No
   x = jax.random.normal(k0, (N, c.target_dim))
 
   def eps_fn(x, t):
-    tt = jnp.full((N,), t, jnp.int32)
+    tt = jnp.full((1,), t, jnp.int32)  # one shared timestep: its embedding broadcasts over N
     e = model.apply({"params": params}, x, tt, z_NC)
     if z_uncond_NC is not None:
       eu = model.apply({"params": params}, x, tt, z_uncond_NC)

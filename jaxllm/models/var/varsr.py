@@ -4,6 +4,9 @@ A VAR transformer conditioned on the low-resolution image through prefix tokens:
 - the LR image, resized to the output size, goes through a small conv encoder (`LREncoder`) to
   pn_K x pn_K prefix tokens; the sequence is [LR tokens, class token, scales 2..K]; prefix and
   class token share level 0 (bidirectional among themselves), the scales follow block-causally;
+- `conditioning="additive"` (the ablation) drops the prefix: the encoder's pn_K x pn_K map is
+  area-downsampled to every scale's pn x pn grid and added to that scale's token inputs (the
+  class token gets the map pooled to pn_1 x pn_1), so the sequence is VAR's own;
 - positions are SA-RoPE (`jaxllm.nn.rope2d`; LR tokens on the final scale's grid) or, for the
   ablation, learned absolute embeddings;
 - the class is a quality label (0 positive, 1 negative) used as the AdaLN condition; image-based
@@ -54,6 +57,7 @@ class VARSRConfig:
   num_classes: int = 2  # quality labels: 0 positive, 1 negative
   lr_channels: tuple[int, ...] = (32, 128, 256, 512)  # then a stride-2 stage to d_model
   positions: str = "sa_rope"  # or "learned" (absolute table, the ablation)
+  conditioning: str = "prefix"  # or "additive" (LR map added to each scale's inputs, ablation)
   rope_theta: float = 10000.0
   attn_l2_norm: bool = True
   norm_eps: float = 1e-6
@@ -69,6 +73,9 @@ class VARSRConfig:
       object.__setattr__(self, name, tuple(getattr(self, name)))
     if self.positions not in ("sa_rope", "learned"):
       raise ValueError(f"VARSRConfig.positions={self.positions!r}: use 'sa_rope' or 'learned'.")
+    if self.conditioning not in ("prefix", "additive"):
+      raise ValueError(f"VARSRConfig.conditioning={self.conditioning!r}: use 'prefix' (LR tokens "
+                       "before the sequence) or 'additive' (LR map added to each scale's inputs).")
     if self.width % self.heads or (self.width // self.heads) % 4:
       raise ValueError(f"VARSRConfig: d_model={self.width} / num_heads={self.heads} must be a "
                        "whole head dimension divisible by 4 (SA-RoPE).")
@@ -84,7 +91,8 @@ class VARSRConfig:
   width = property(lambda self: self.d_model or 64 * self.depth)
   heads = property(lambda self: self.num_heads or self.depth)
   seq_len = property(lambda self: sum(p * p for p in self.patch_nums))
-  prefix_len = property(lambda self: self.patch_nums[-1] ** 2)
+  prefix_len = property(  # LR tokens before the class token (none when additive)
+      lambda self: self.patch_nums[-1] ** 2 if self.conditioning == "prefix" else 0)
   init_std = property(lambda self: math.sqrt(1 / self.width / 3))
 
   def begin_ends(self) -> list[tuple[int, int]]:
@@ -124,13 +132,13 @@ def preset(name: str, **overrides: Any) -> VARSRConfig:
 # -------------------------------------------------------------------------------------- modules
 
 
-def resize_images(x_BHWC, size: int):
-  """Bicubic (PyTorch semantics) resize of a batch to size x size."""
+def resize_images(x_BHWC, size: int, mode: str = "bicubic"):
+  """Bicubic (or "area") resize of a batch to size x size, PyTorch semantics."""
   H, W = x_BHWC.shape[1:3]
   if (H, W) == (size, size):
     return x_BHWC
-  mh = jnp.asarray(resize_matrix(size, H, "bicubic"))
-  mw = jnp.asarray(resize_matrix(size, W, "bicubic"))
+  mh = jnp.asarray(resize_matrix(size, H, mode))
+  mw = jnp.asarray(resize_matrix(size, W, mode))
   return jnp.einsum("oh,bhwc,pw->bopc", mh, x_BHWC, mw)
 
 
@@ -181,7 +189,8 @@ class VARSR(nn.Module):
     c = self.config
     if c.positions != "sa_rope":
       return None
-    pos = scale_positions(c.patch_nums, prefix_side=c.patch_nums[-1])[lo:hi]
+    side = c.patch_nums[-1] if c.conditioning == "prefix" else 0  # LR tokens on the last grid
+    pos = scale_positions(c.patch_nums, prefix_side=side)[lo:hi]
     return sa_rope_angles(pos, c.width // c.heads, c.rope_theta)
 
   def _check_lr(self, lr_BHW3):
@@ -195,28 +204,41 @@ class VARSR(nn.Module):
                        f"{c.image_size // c.scale} LR images x{c.scale} to {c.image_size}; got "
                        f"{h}x{w}. Crop or resize the input (tiled inference is not implemented).")
 
+  def _lr_added(self, lr_BPPD, s_lo: int, s_hi: int):
+    """Additive conditioning of scales [s_lo, s_hi): the LR map area-pooled to each scale's
+    pn x pn grid, flattened and concatenated like the sequence -> [B, l, D]."""
+    B, D = lr_BPPD.shape[0], lr_BPPD.shape[-1]
+    return jnp.concatenate([resize_images(lr_BPPD, pn, "area").reshape(B, pn * pn, D)
+                            for pn in self.config.patch_nums[s_lo:s_hi]], axis=1)
+
   def _start(self, lr_BHW3, label_B):
-    """[LR tokens, class token] + pos_start + level 0, and the AdaLN condition."""
+    """Level-0 inputs (prefix: [LR tokens, class token]; additive: class token + pooled LR map)
+    + pos_start + level 0, the AdaLN condition, and the LR map [B, pn_K, pn_K, D]."""
     self._check_lr(lr_BHW3)
     c = self.config
-    lr = resize_images(lr_BHW3.astype(jnp.float32), c.image_size)
-    tok = self.lr_encoder(lr)
-    B = tok.shape[0]
+    lr_BPPD = self.lr_encoder(resize_images(lr_BHW3.astype(jnp.float32), c.image_size))
+    B = lr_BPPD.shape[0]
     cond_BD = self.class_emb(label_B)
     first_l = c.patch_nums[0] ** 2
-    x = jnp.concatenate([tok.reshape(B, c.prefix_len, c.width),
-                         jnp.broadcast_to(cond_BD[:, None], (B, first_l, c.width))], axis=1)
+    x = jnp.broadcast_to(cond_BD[:, None], (B, first_l, c.width))
+    if c.conditioning == "prefix":
+      x = jnp.concatenate([lr_BPPD.reshape(B, c.prefix_len, c.width), x], axis=1)
+    else:
+      x = x + self._lr_added(lr_BPPD, 0, 1)
     x = x + self.pos_start[None] + self.lvl_embed(jnp.zeros((1, 1), jnp.int32))
-    return x, cond_BD
+    return x, cond_BD, lr_BPPD
 
-  def _scale_inputs(self, x_BlCv, lo: int, hi: int):
-    """Embeds scale inputs for scale positions [lo, hi) (lo >= first_l)."""
+  def _scale_inputs(self, x_BlCv, lr_BPPD, s_lo: int, s_hi: int):
+    """Embeds the inputs of scales [s_lo, s_hi) (s_lo >= 1)."""
     c = self.config
+    lo, hi = c.begin_ends()[s_lo][0], c.begin_ends()[s_hi - 1][1]
     levels = jnp.asarray(c.levels()[c.prefix_len + lo:c.prefix_len + hi])
     x = self.word_embed(x_BlCv.astype(jnp.float32)) + self.lvl_embed(levels)[None]
     if c.positions == "learned":
       first_l = c.patch_nums[0] ** 2
       x = x + self.pos_LD[lo - first_l:hi - first_l][None]
+    if c.conditioning == "additive":
+      x = x + self._lr_added(lr_BPPD, s_lo, s_hi)
     return x
 
   def _trunk(self, x, cond_BD, angles, level_BL=None, caches=None):
@@ -236,8 +258,9 @@ class VARSR(nn.Module):
     if x_BLCv.shape[1] != c.seq_len - first_l:
       raise ValueError(f"VARSR input has {x_BLCv.shape[1]} positions, expected "
                        f"{c.seq_len - first_l}.")
-    start, cond_BD = self._start(lr_BHW3, label_B)
-    x = jnp.concatenate([start, self._scale_inputs(x_BLCv, first_l, c.seq_len)], axis=1)
+    start, cond_BD, lr_BPPD = self._start(lr_BHW3, label_B)
+    x = jnp.concatenate([start, self._scale_inputs(x_BLCv, lr_BPPD, 1, len(c.patch_nums))],
+                        axis=1)
     B, T = x.shape[:2]
     level_BL = jnp.broadcast_to(jnp.asarray(c.levels())[None], (B, T))
     h, logits, _ = self._trunk(x, cond_BD, self._angles(0, T), level_BL)
@@ -249,16 +272,18 @@ class VARSR(nn.Module):
     return logits[:, c.prefix_len:], h_K
 
   def first_scale(self, lr_BHW3, label_B, caches):
+    """Level 0 with a KV cache -> (logits, hidden, cond, LR map for `scale`, caches)."""
     c = self.config
-    start, cond_BD = self._start(lr_BHW3, label_B)
+    start, cond_BD, lr_BPPD = self._start(lr_BHW3, label_B)
     h, logits, caches = self._trunk(start, cond_BD, self._angles(0, start.shape[1]),
                                     caches=caches)
-    return logits[:, c.prefix_len:], h[:, c.prefix_len:], cond_BD, caches
+    return logits[:, c.prefix_len:], h[:, c.prefix_len:], cond_BD, lr_BPPD, caches
 
-  def scale(self, si: int, x_BlCv, cond_BD, caches):
+  def scale(self, si: int, x_BlCv, cond_BD, lr_BPPD, caches):
+    """Scale si > 0 with a KV cache (`lr_BPPD` from `first_scale`; only additive reads it)."""
     c = self.config
     lo, hi = c.begin_ends()[si]
-    x = self._scale_inputs(x_BlCv, lo, hi)
+    x = self._scale_inputs(x_BlCv, lr_BPPD, si, si + 1)
     h, logits, caches = self._trunk(x, cond_BD, self._angles(c.prefix_len + lo,
                                                              c.prefix_len + hi), caches=caches)
     return logits, h, caches
@@ -363,11 +388,11 @@ def _upscale(model, params, vqvae, vq_params, lr, rng, cfg, *, use_cfg, top_k, t
   Hs = c.patch_nums[-1]
   f_hat = jnp.zeros((B, Hs, Hs, c.c_vae), jnp.float32)
   idx_list, logits_list, nxt = [], [], None
-  logits, h, cond_BD, caches = apply(lr, label, caches, method=VARSR.first_scale)
+  logits, h, cond_BD, lr_map, caches = apply(lr, label, caches, method=VARSR.first_scale)
   for si, pn in enumerate(c.patch_nums):
     if si > 0:
       x = jnp.concatenate([nxt, nxt]) if use_cfg else nxt
-      logits, h, caches = apply(si, x, cond_BD, caches, method=VARSR.scale)
+      logits, h, caches = apply(si, x, cond_BD, lr_map, caches, method=VARSR.scale)
     logits = logits.astype(jnp.float32)
     t = guidance(cfg, si, K)
     if use_cfg:

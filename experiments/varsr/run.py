@@ -1,0 +1,312 @@
+"""Small-scale VARSR experiments on the embedded scikit-image photos (x4, VARSR's milder
+degradation), evaluated on the held-out photos (`jaxllm.data.images.HELD_OUT_PHOTOS`).
+
+  python experiments/varsr/run.py all     # train, eval, timing (the results page's command)
+  python experiments/varsr/run.py train   [--vq-steps 700] [--sr-steps 350] [--out runs/varsr]
+  python experiments/varsr/run.py eval    [--seeds 2]      # -> <out>/eval.json, panels
+  python experiments/varsr/run.py timing                   # -> <out>/timing.json, plot
+
+train   stage 1: the "small" multi-scale VQ-VAE (64 px, 8x down, scales 1,2,3,4,6,8, V 512) on
+        random crops; stage 2: VARSR "small" (4 blocks, width 128, SA-RoPE, LR prefix, refiner
+        3 x 128, 10% negative-quality targets) on (HR crop, degraded LR) pairs; the two ablations
+        at the same steps (learned absolute positions; additive LR conditioning instead of the prefix);
+        and the regression CNN (`jaxllm.models.srcnn.small`, L1) on the same pairs, the same
+        steps and batch, at about the same FLOPs per step. Each is a `jaxllm sr train` run
+        directory under --out (resumable); wall-clock, CPU time and XLA's FLOPs per step go to
+        <out>/train.json.
+eval    every held-out photo, degraded `--seeds` times with fixed seeds (varsr_x4, x4): bicubic
+        upsampling of the LR; the CNN; the VQ-VAE's own reconstruction of the HR (the ceiling of
+        token prediction on this tokenizer) and its decoder on the unquantised latents (the
+        ceiling with a perfect refiner); VARSR tiled over the image with the refiner on / off and
+        image CFG off (conditional sampling) / 2 / 6; the two ablations. PSNR / SSIM on Y
+        (border 4) and NIQE. Comparison panels (256-pixel crops) go to --img.
+timing  one jitted generation (KV cache; refiner on and off; no CFG) against one jitted
+        teacher-forced forward of the same sequence, same batch, same process, best of 10; for the
+        trained models, then for random-init models with 4 to 8 scales (final grid 8 x 8) and
+        VAR's 10-scale schedule; plot of time against the number of scales.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxllm.data import degradations as deg
+from jaxllm.data import images
+from jaxllm.eval.sr_metrics import sr_metrics
+from jaxllm.models.var import varsr as varsr_lib
+from jaxllm.models.var import vqvae as vqvae_lib
+from jaxllm.train import sr
+from jaxllm.train.metrics import pyplot, save_json
+
+SCALE = 4
+SR_RUNS = {  # run name -> stage-2 options beyond the shared ones
+    "sr": dict(stage="sr"),
+    "sr_learned": dict(stage="sr", varsr_overrides=('positions="learned"',)),
+    "sr_additive": dict(stage="sr", varsr_overrides=('conditioning="additive"',)),
+    "cnn": dict(stage="cnn", cnn_preset="small"),
+}
+
+
+def _cpu_seconds() -> float:
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
+def run_configs(args) -> dict[str, sr.SRTrainConfig]:
+  out = Path(args.out)
+  common = dict(batch_size=args.batch_size, lr=args.lr, progress=not args.no_progress,
+                log_every=50, save_every=0, scale=SCALE, seed=0)
+  cfgs = {"vq": sr.SRTrainConfig(stage="vqvae", workdir=str(out / "vq"), vqvae_preset="small",
+                                 steps=args.vq_steps, **common)}
+  crop = vqvae_lib.small().image_size  # the CNN sees VARSR's crops
+  for name, opts in SR_RUNS.items():
+    cfgs[name] = sr.SRTrainConfig(workdir=str(out / name), vqvae_dir=str(out / "vq"),
+                                  varsr_preset="small", crop_size=crop, steps=args.sr_steps,
+                                  **opts, **common)
+  return cfgs
+
+
+def cmd_train(args) -> None:
+  out = Path(args.out)
+  record_path = out / "train.json"
+  record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+  for name, cfg in run_configs(args).items():
+    done = name in record and record[name]["steps"] == cfg.steps
+    if name in args.skip or (done and (Path(cfg.workdir) / "checkpoints").is_dir()):
+      continue  # left out, or already trained (its timings kept)
+    t, c = time.perf_counter(), _cpu_seconds()
+    result = sr.train(cfg)
+    wall, cpu = time.perf_counter() - t, _cpu_seconds() - c
+    entry = {"steps": cfg.steps, "batch_size": cfg.batch_size, "wall_s": wall, "cpu_s": cpu,
+             "gflop_per_step": sr.train_step_flops(cfg) / 1e9, "final": result["metrics"]}
+    # re-read: runs may train in parallel processes (`--skip`), each adding its own entry
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record[name] = entry
+    save_json(out, "train", record)
+    print(f"{name}: {cfg.steps} steps in {wall / 60:.1f} min wall ({cpu / 60:.1f} CPU-min), "
+          f"{entry['gflop_per_step']:.1f} GFLOP/step; last {result['metrics']}")
+
+
+# ------------------------------------------------------------------------------------------ eval
+
+
+def heldout_pairs(seeds: int):
+  """[(name, HR, LR)]: each held-out photo degraded with seeds 1000 + k (deterministic)."""
+  out = []
+  for name in images.HELD_OUT_PHOTOS:
+    photo = images.skimage_photo(name)
+    for k in range(seeds):
+      hr, lr = deg.degrade(photo, 1000 + k, deg.varsr_x4(scale=SCALE))
+      out.append((f"{name}/{k}", hr, lr))
+  return out
+
+
+def _vq_reconstructions(model: sr.SRModel, hr: np.ndarray) -> dict[str, np.ndarray]:
+  """The VQ-VAE's reconstruction of the HR image through its tokens, and its decoder on the
+  unquantised latents, both tiled like the SR model (scale 1)."""
+  vq, p = model.vqvae, model.vq_params
+  apply = lambda *a, **k: vq.apply({"params": p}, *a, **k)  # noqa: E731
+  fns = {"tokens": jax.jit(lambda x: apply(apply(x, method="img_to_idx"), method="idx_to_img")),
+         "latents": jax.jit(lambda x: apply(apply(x, method="features"), method="decode_fhat"))}
+  S = model.config.image_size
+  out = {}
+  for key, rec in fns.items():
+    def fn(tiles, rec=rec):
+      return (np.asarray(jnp.clip(rec(jnp.asarray(tiles) * 2 - 1), -1, 1)) + 1) / 2
+    out[key] = np.clip(varsr_lib.upscale_tiled(fn, hr, S, 1, overlap=S // 8, batch=8), 0, 1)
+  return out
+
+
+VQ_TOKENS = "VQ-VAE reconstruction of HR (ceiling)"
+VQ_LATENTS = "VQ-VAE decoder, unquantised latents (perfect-refiner ceiling)"
+MAIN = "VARSR (refiner, CFG off)"
+PANEL = 256  # HR side of the comparison panels' crop
+
+
+def cmd_eval(args) -> None:
+  out = Path(args.out)
+  main = sr.load_sr(out / "sr")
+  variants = {  # name -> (model, upscale_image options)
+      "CNN baseline (L1, same steps and FLOPs)": (sr.load_sr(out / "cnn"), dict()),
+      MAIN: (main, dict()),
+      "VARSR (no refiner, CFG off)": (main, dict(refine=False)),
+      "VARSR (refiner, CFG 2)": (main, dict(cfg=2.0)),
+      "VARSR (refiner, CFG 6)": (main, dict(cfg=6.0)),
+      "ablation: learned absolute positions (refiner, CFG off)": (
+          sr.load_sr(out / "sr_learned"), dict()),
+      "ablation: additive LR conditioning (refiner, CFG off)": (
+          sr.load_sr(out / "sr_additive"), dict()),
+  }
+  rows: dict[str, list[dict]] = {"bicubic": [], VQ_TOKENS: [], VQ_LATENTS: []}
+  rows.update({k: [] for k in variants})
+  seconds: dict[str, float] = {}
+  pairs = heldout_pairs(args.seeds)
+  Path(args.img).mkdir(parents=True, exist_ok=True)
+  for name, hr, lr in tqdm(pairs, desc="held-out images", disable=args.no_progress):
+    rows["bicubic"].append(sr_metrics(sr.bicubic_upscale(lr, SCALE), hr, SCALE, True))
+    rec = _vq_reconstructions(main, hr)
+    rows[VQ_TOKENS].append(sr_metrics(rec["tokens"], hr, SCALE, True))
+    rows[VQ_LATENTS].append(sr_metrics(rec["latents"], hr, SCALE, True))
+    outs = {}
+    for vname, (model, opts) in variants.items():
+      t = time.perf_counter()
+      outs[vname] = sr.upscale_image(model, lr, SCALE, batch=16, **opts)
+      seconds[vname] = seconds.get(vname, 0.0) + time.perf_counter() - t
+      rows[vname].append(sr_metrics(outs[vname], hr, SCALE, True))
+    if name.endswith("/0"):  # a centre crop: LR | bicubic | CNN | VARSR | HR
+      H, W = hr.shape[:2]
+      y, x = (H - PANEL) // 2 // SCALE * SCALE, (W - PANEL) // 2 // SCALE * SCALE
+      crop = lambda a, s=1: a[y // s:(y + PANEL) // s, x // s:(x + PANEL) // s]  # noqa: E731
+      panel = sr.comparison_image(
+          crop(lr, SCALE), {"CNN": crop(outs["CNN baseline (L1, same steps and FLOPs)"]),
+                            "VARSR": crop(outs[MAIN])}, SCALE, crop(hr))
+      images.save_image(Path(args.img) / f"varsr_{name.split('/')[0]}.png",
+                        panel.astype(np.float32) / 255.0)
+  table = {k: {m: statistics.mean(r[m] for r in v) for m in ("psnr", "ssim", "niqe")}
+           for k, v in rows.items()}
+  result = {"images": [p[0] for p in pairs], "per_image": rows, "mean": table,
+            "upscale_seconds_total": seconds,
+            "train": {k: json.loads((out / k / "config.json").read_text())["train"]
+                      for k in ("vq", *SR_RUNS)}}
+  save_json(out, "eval", result)
+  print("| variant | PSNR (Y) | SSIM (Y) | NIQE |\n|---|---|---|---|")
+  for k, v in table.items():
+    print(f"| {k} | {v['psnr']:.2f} | {v['ssim']:.4f} | {v['niqe']:.2f} |")
+
+
+# ---------------------------------------------------------------------------------------- timing
+
+
+def _best_times(fns, repeats: int = 10) -> list[float]:
+  """Best wall time of each `fn()` over `repeats` rounds, the functions alternating within a
+  round so that both see the same machine load (the machine may be shared)."""
+  for fn in fns:
+    jax.block_until_ready(fn())  # compile
+  best = [float("inf")] * len(fns)
+  for _ in range(repeats):
+    for i, fn in enumerate(fns):
+      t = time.perf_counter()
+      jax.block_until_ready(fn())
+      best[i] = min(best[i], time.perf_counter() - t)
+  return best
+
+
+def _gen_vs_forward(model: varsr_lib.VARSR, params, vq, vq_params, batch: int,
+                    refine: bool) -> dict[str, float]:
+  """Best-of-10 wall time of `upscale` (KV cache, no CFG) and of one teacher-forced forward of
+  the same sequence, same batch, both jitted."""
+  c = model.config
+  s = c.image_size // c.scale
+  rng = np.random.default_rng(0)
+  lr = jnp.asarray(rng.uniform(-1, 1, (batch, s, s, 3)), jnp.float32)
+  label = jnp.zeros((batch,), jnp.int32)
+  x = jnp.asarray(rng.normal(size=(batch, c.seq_len - c.patch_nums[0] ** 2, c.c_vae)),
+                  jnp.float32)
+  fwd = jax.jit(lambda p, a, b, x: model.apply({"params": p}, a, b, x))
+  gen = lambda p, a: varsr_lib.upscale(model, p, vq, vq_params, a, jax.random.key(0),  # noqa
+                                       cfg=None, refine=refine)["f_hat"]
+  t_fwd, t_gen = _best_times([lambda: fwd(params, lr, label, x), lambda: gen(params, lr)])
+  return {"forward_ms": 1e3 * t_fwd, "generate_ms": 1e3 * t_gen, "ratio": t_gen / t_fwd}
+
+
+SWEEP = [(1, 2, 4, 8), (1, 2, 3, 4, 8), (1, 2, 3, 4, 6, 8), (1, 2, 3, 4, 5, 6, 8),
+         (1, 2, 3, 4, 5, 6, 7, 8), (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)]
+
+
+def cmd_timing(args) -> None:
+  out = Path(args.out)
+  result = {"batch": args.batch, "device": jax.devices()[0].device_kind, "trained": {}}
+  for name in ("sr", "sr_additive"):
+    m = sr.load_sr(out / name)
+    for refine in (True, False):
+      r = _gen_vs_forward(m.model, m.params, m.vqvae, m.vq_params, args.batch, refine)
+      r.update(tokens=m.config.prefix_len + m.config.seq_len)
+      result["trained"][f"{name}, refiner {'on' if refine else 'off'}"] = r
+      print(f"{name}, refiner {refine}: generate {r['generate_ms']:.1f} ms, teacher-forced "
+            f"forward {r['forward_ms']:.1f} ms, ratio {r['ratio']:.2f}")
+  sweep = []
+  for pn in tqdm(SWEEP, desc="scale schedules", disable=args.no_progress):
+    down = 64 // pn[-1]  # 64-pixel images: 8x (final grid 8) or 4x (final grid 16)
+    vq_cfg = vqvae_lib.small(patch_nums=pn, ch_mult=(1, 2, 2, 4) if down == 8 else (1, 2, 4))
+    vq = vqvae_lib.VQVAE(vq_cfg)
+    vq_params = vq.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+    c = sr.varsr_config_for(vq_cfg, SCALE, "small")
+    model = varsr_lib.VARSR(c)
+    params = model.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,), jnp.int32),
+                        jnp.zeros((1, c.seq_len - 1, c.c_vae)))["params"]
+    for refine in (True, False):
+      r = _gen_vs_forward(model, params, vq, vq_params, args.batch, refine=refine)
+      r.update(scales=len(pn), tokens=c.prefix_len + c.seq_len, patch_nums=list(pn),
+               refine=refine)
+      sweep.append(r)
+      print(f"{len(pn)} scales {pn} ({r['tokens']} tokens), refiner {refine}: generate "
+            f"{r['generate_ms']:.1f} ms, forward {r['forward_ms']:.1f} ms, ratio {r['ratio']:.2f}")
+  result["sweep"] = sweep
+  save_json(out, "timing", result)
+  plot_timing(sweep, Path(args.img) / "varsr_timing.png")
+
+
+def plot_timing(sweep: list[dict], path: Path) -> None:
+  plt = pyplot()
+  fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+  for refine, style in ((True, "o-"), (False, "s--")):
+    rows = [r for r in sweep if r["refine"] == refine and r["patch_nums"][-1] == 8]
+    k = [r["scales"] for r in rows]
+    ax[0].plot(k, [r["generate_ms"] for r in rows], style,
+               label=f"generation, refiner {'on' if refine else 'off'}")
+    ax[1].plot(k, [r["ratio"] for r in rows], style, label=f"refiner {'on' if refine else 'off'}")
+    var = [r for r in sweep if r["refine"] == refine and r["patch_nums"][-1] != 8]
+    ax[1].plot([r["scales"] for r in var], [r["ratio"] for r in var], "*", ms=10,
+               color=ax[1].lines[-1].get_color(), label=f"VAR's 10 scales to 16x16, refiner "
+               f"{'on' if refine else 'off'}")
+  rows = [r for r in sweep if r["refine"] and r["patch_nums"][-1] == 8]
+  ax[0].plot([r["scales"] for r in rows], [r["forward_ms"] for r in rows], "^:", color="gray",
+             label="one teacher-forced forward")
+  ax[0].set_xlabel("number of scales (final grid 8 x 8)")
+  ax[0].set_ylabel("ms per batch of 8 LR tiles")
+  ax[0].legend(fontsize=8)
+  ax[1].axhline(3.0, color="red", ls=":", label="target: 3x")
+  ax[1].set_xlabel("number of scales")
+  ax[1].set_ylabel("generation / forward")
+  ax[1].legend(fontsize=7)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("exp", choices=["all", "train", "eval", "timing"])
+  p.add_argument("--out", default="runs/varsr")
+  p.add_argument("--img", default="docs/results/img")
+  p.add_argument("--vq-steps", type=int, default=700)
+  p.add_argument("--sr-steps", type=int, default=350)
+  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--lr", type=float, default=1e-3)
+  p.add_argument("--skip", nargs="*", default=[], choices=["vq", *SR_RUNS],
+                 help="train: runs to leave out (eval needs them all)")
+  p.add_argument("--seeds", type=int, default=2, help="eval: degradations per held-out photo")
+  p.add_argument("--batch", type=int, default=8, help="timing: LR tiles per call")
+  p.add_argument("--no-progress", action="store_true")
+  args = p.parse_args(argv)
+  t, c = time.perf_counter(), _cpu_seconds()
+  for exp in (("train", "eval", "timing") if args.exp == "all" else (args.exp,)):
+    {"train": cmd_train, "eval": cmd_eval, "timing": cmd_timing}[exp](args)
+  print(f"{args.exp}: {(time.perf_counter() - t) / 60:.1f} min wall, "
+        f"{(_cpu_seconds() - c) / 60:.1f} CPU-min")
+
+
+if __name__ == "__main__":
+  main()
