@@ -26,3 +26,15 @@ def test_induction_batch_repeats_a_segment():
     copy = tokens[b, second:second + seg]
     starts = [s for s in range(0, second - seg + 1) if np.array_equal(tokens[b, s:s + seg], copy)]
     assert starts, "the masked segment must occur earlier in the sequence"
+
+
+def test_acceptance_rates_are_conditional_per_head():
+  """Head j's rate = forwards with drafts 1..j accepted / forwards with drafts 1..j-1 accepted."""
+  rows = [{"forwards": 10, "accepted": [6, 3, 1]}, {"forwards": 10, "accepted": [4, 1, 0]}]
+  np.testing.assert_allclose(run._acceptance(rows, 4), [10 / 20, 4 / 10, 1 / 4])
+
+
+def test_steps_to_level():
+  curve = [(50, 0.1), (100, 0.6), (150, 0.95)]
+  assert run._steps_to(curve, 0.5) == 100 and run._steps_to(curve, 0.9) == 150
+  assert run._steps_to(curve, 0.99) is None

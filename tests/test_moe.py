@@ -124,3 +124,37 @@ def test_model_collections_and_balance_loss():
   idx_BLK = jnp.tile(jnp.arange(E).reshape(1, E // K, K), (1, 3, 1))
   uniform = moe.sequence_balance_loss(jnp.ones((1, 3 * E // K, E)), idx_BLK, 0.5)
   np.testing.assert_allclose(uniform, 0.5, rtol=1e-6)
+
+
+def test_router_bias_is_required_at_apply():
+  """Without the `balance` collection the layer used to route with a silent zero bias; now it
+  refuses, naming the collection to pass."""
+  x_BLD = jax.random.normal(jax.random.key(1), (2, 6, D))
+  layer = _layer("dense")
+  variables = _variables(layer, x_BLD)
+  with pytest.raises(ValueError, match="balance"):
+    layer.apply({"params": variables["params"]}, x_BLD)
+  assert layer.apply(variables, x_BLD).shape == x_BLD.shape
+
+
+def test_eval_fn_scores_a_deepseek_model_with_its_router_bias():
+  """`jaxllm.eval.lm.make_eval_fn` takes the whole variables dict, so a DeepSeek model is
+  scored with its trained router bias (which changes the routing, hence the loss)."""
+  from jaxllm.eval import lm as lm_eval
+  from jaxllm.models import deepseek as ds
+  from jaxllm.objectives.next_token import next_token_nll
+  cfg = ds.tiny(d_model=32, n_heads=2, moe_dim=16, ffn_dim=48, n_layers=2, moe_impl="dense",
+                mtp_depth=0)
+  model = ds.DeepSeek(cfg)
+  v = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+  bias = jax.tree.map(lambda b: 3.0 * jax.random.normal(jax.random.key(3), b.shape), v["balance"])
+  variables = {"params": v["params"], "balance": bias}
+  tokens = jnp.asarray(np.random.RandomState(0).randint(0, 256, (2, 13)), jnp.int32)
+  fn = jax.jit(lm_eval.make_eval_fn(model, 258, np.ones(259)))
+  nll, count, n_bytes = fn(variables, {"tokens": tokens})
+  logits, _ = model.apply(variables, tokens[:, :-1])
+  ref, ref_count = next_token_nll(logits, tokens[:, 1:], 258)
+  np.testing.assert_allclose(nll, ref, rtol=1e-6)
+  assert float(count) == float(ref_count) == float(n_bytes) == 24
+  zero = fn({**variables, "balance": jax.tree.map(jnp.zeros_like, bias)}, {"tokens": tokens})[0]
+  assert abs(float(zero) - float(nll)) > 1e-4  # the bias matters, so it must be the trained one

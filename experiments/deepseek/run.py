@@ -24,8 +24,11 @@ Each writes `<out>/<exp>.json` and PNG plots into `--img` (docs/results/img) and
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -44,6 +47,7 @@ from jaxllm.infer import speculative
 from jaxllm.models import deepseek as ds
 from jaxllm.models import llama
 from jaxllm.models.mtp import MultiTokenLlama
+from jaxllm.nn.attention import KVCache
 from jaxllm.nn import moe
 from jaxllm.objectives import multi_token as mt
 from jaxllm.objectives.next_token import next_token_nll, split_tokens
@@ -196,10 +200,18 @@ def induction_batch(rng, batch, seq_len, n_symbols, seg_len):
   return tokens, mask
 
 
-def mtl_config(vocab_size, d_model, n_layers, ffn_dim, seq_len):
-  return llama.LlamaConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=4,
-                           n_kv_heads=2, ffn_dim=ffn_dim, tie_embeddings=True,
-                           max_seq_len=max(seq_len, 512))
+def mtl_config(vocab_size, d_model, n_layers, ffn_dim, seq_len, n_heads=4, n_kv_heads=2):
+  return llama.LlamaConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
+                           n_heads=n_heads, n_kv_heads=n_kv_heads, ffn_dim=ffn_dim,
+                           tie_embeddings=True, max_seq_len=max(seq_len, 512))
+
+
+def _heads_fn(model):
+  """(params, inputs) -> every head's argmax [n, B, L] (head i predicts token t + 1 + i)."""
+  def f(params, inputs_BL):
+    logits_NBLV, _ = model.apply({"params": params}, inputs_BL)
+    return jnp.argmax(logits_NBLV, axis=-1)
+  return f
 
 
 def _head0(model):
@@ -210,131 +222,233 @@ def _head0(model):
   return f
 
 
-def train_mtl(model, batches, steps, lr, pad_id, desc, seed=0):
-  """Trains a MultiTokenLlama with the library's summed multi-token loss and train step."""
+def train_mtl(model, batches, steps, lr, pad_id, desc, seed=0, every=0, evaluate=None):
+  """Trains a MultiTokenLlama on the summed multi-token loss through the library's train step,
+  with the memory-efficient backward (`multi_token_value_and_grad`). Every `every` steps (and
+  at the end) records `evaluate(params)`. -> (params, losses, [(step, eval)], seconds)."""
   params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32)))[
       "params"]
-  tx = make_optimizer(OptimConfig(lr=lr, warmup_steps=steps // 10), steps)
+  tx = make_optimizer(OptimConfig(lr=lr, warmup_steps=max(1, steps // 20)), steps)
   state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
                      jax.random.key_data(jax.random.key(seed + 1)))
-  step = jax.jit(make_train_step(mt.multi_token_loss_fn(model, pad_id), tx), donate_argnums=(0,))
-  losses, t0 = [], time.time()
-  for _ in tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True):
+  step = jax.jit(make_train_step(mt.multi_token_loss_fn(model, pad_id), tx,
+                                 value_and_grad=mt.multi_token_value_and_grad(model, pad_id)),
+                 donate_argnums=(0,))
+  losses, curve, t0 = [], [], time.time()
+  for i in tqdm(range(1, steps + 1), desc=desc, unit="step", dynamic_ncols=True):
     state, m = step(state, next(batches))
     losses.append(m["loss"])
-  return state.params, [float(x) for x in jax.device_get(losses)], time.time() - t0
+    if evaluate is not None and (i == steps or (every and i % every == 0)):
+      curve.append((i, evaluate(state.params)))
+  return state.params, [float(x) for x in jax.device_get(losses)], curve, time.time() - t0
 
 
-def mtp(args):
-  ns = [int(n) for n in args.ns.split(",")]
-  out = {"_meta": {"ns": ns}}
-  t_all = time.time()
-  tok = load_tokenizer("byte")
-  img = Path(args.img)
-  img.mkdir(parents=True, exist_ok=True)
+def _steps_to(curve, level):
+  """First evaluated step whose accuracy reaches `level` (None if never)."""
+  return next((s for s, a in curve if a >= level), None)
 
-  # (i) induction
-  I = dict(seq=96, batch=32, symbols=args.symbols, seg=args.seg, d=64, layers=2, ffn=192,
-           steps=args.induction_steps, lr=args.lr)
-  out["_meta"]["induction"] = I
+
+def mtp_induction(args, ns):
+  I = dict(seq=args.ind_seq, batch=32, symbols=args.symbols, seg=args.seg, layers=2,
+           widths=[int(w) for w in args.induction_widths.split(",")],
+           seeds=list(range(args.seeds)), steps=args.induction_steps, lr=args.induction_lr,
+           eval_every=args.induction_eval_every, eval_sequences=256)
+  V, pad = I["symbols"] + 1, I["symbols"]  # symbols 0 .. S-1, pad S (ignored past the end)
+  # runs already in <out>/mtp_induction.json with the same settings are kept (resumable)
+  res, path = {}, Path(args.out, "mtp_induction.json")
+  if path.exists():
+    old = json.loads(path.read_text())
+    same = lambda m: {k: v for k, v in m.items() if k not in ("seeds", "widths", "minutes",
+                                                              "ns")}
+    if same(old["_meta"]) == same(I):
+      res = old["induction"]
+      for k in ("widths", "seeds"):
+        I[k] = sorted(set(I[k]) | set(old["_meta"][k]))
   erng = np.random.default_rng(12345)
-  ev = [induction_batch(erng, 64, I["seq"], I["symbols"], I["seg"]) for _ in range(8)]
-  ind = {}
-  for n in ns:
-    model = MultiTokenLlama(mtl_config(tok.vocab_size, I["d"], I["layers"], I["ffn"], I["seq"]), n)
-    rng = np.random.default_rng(1000 + 0)  # the same training batches for every n
+  ev = [induction_batch(erng, 128, I["seq"], I["symbols"], I["seg"])
+        for _ in range(I["eval_sequences"] // 128)]
+  for d in I["widths"]:
+    for n in ns:
+      for seed in I["seeds"]:
+        if f"d={d}/n={n}/seed={seed}" in res:
+          continue
+        model = MultiTokenLlama(mtl_config(V, d, I["layers"], 3 * d, I["seq"]), n)
+        rng = np.random.default_rng(1000 + seed)  # the same batches for every n and width
 
-    def gen(rng=rng):
-      while True:
-        yield {"tokens": induction_batch(rng, I["batch"], I["seq"], I["symbols"], I["seg"])[0]}
-    params, losses, secs = train_mtl(model, gen(), I["steps"], I["lr"], tok.pad_id,
-                                     f"induction/n={n}")
-    head0 = jax.jit(_head0(model))
-    hit = tot = hit_rand = tot_rand = 0.0
-    for tokens, mask in ev:
-      pred = np.asarray(jnp.argmax(head0(params, tokens[:, :-1]), -1))
-      ok = pred == tokens[:, 1:]
-      hit += float((ok * mask).sum())
-      tot += float(mask.sum())
-      other = 1.0 - mask
-      other[:, :I["seg"]] = 0.0  # random positions (not copies), away from the start
-      hit_rand += float((ok * other).sum())
-      tot_rand += float(other.sum())
-    ind[n] = {"accuracy_second_occurrence": hit / tot, "accuracy_random_positions":
-              hit_rand / tot_rand, "train_loss_sum_heads": losses, "train_seconds": round(secs, 1),
-              "params": sum(x.size for x in jax.tree.leaves(params))}
-    print(f"induction n={n}: second-occurrence accuracy {hit / tot:.4f} (random positions "
-          f"{hit_rand / tot_rand:.4f}, chance {1 / I['symbols']:.4f}) {secs:.0f} s", flush=True)
-    out["induction"] = ind
-    _save(args, "mtp.partial", out)
+        def gen(rng=rng):
+          while True:
+            yield {"tokens": induction_batch(rng, I["batch"], I["seq"], I["symbols"],
+                                             I["seg"])[0]}
+        heads = jax.jit(_heads_fn(model))
 
-  # (ii) code corpus
+        def accuracy(params, heads=heads, n=n):
+          """Per head: accuracy on copied tokens. Head i at input position t predicts token
+          t + 1 + i; it counts where both t and t + i are copy positions >= 1 (mask[t] and
+          mask[t + i]): the model stands inside the copy and its target is copied too."""
+          hit, tot = np.zeros(n), np.zeros(n)
+          for tokens, mask in ev:
+            pred_NBL = np.asarray(heads(params, tokens[:, :-1]))
+            L = mask.shape[1]
+            for i in range(n):
+              m = mask[:, i:] * mask[:, :L - i]
+              hit[i] += float(((pred_NBL[i, :, :L - i] == tokens[:, 1 + i:]) * m).sum())
+              tot[i] += float(m.sum())
+          return (hit / np.maximum(tot, 1)).tolist()
+        params, losses, curve, secs = train_mtl(model, gen(), I["steps"], I["lr"], pad,
+                                                f"induction/d={d}/n={n}/seed={seed}", seed,
+                                                I["eval_every"], accuracy)
+        acc0 = [(s, a[0]) for s, a in curve]
+        res[f"d={d}/n={n}/seed={seed}"] = {
+            "d": d, "n": n, "seed": seed, "accuracy_curve": acc0,
+            "final_accuracy": acc0[-1][1], "final_accuracy_per_head": curve[-1][1],
+            "steps_to_50": _steps_to(acc0, 0.5), "steps_to_90": _steps_to(acc0, 0.9),
+            "train_loss_sum_heads": losses, "train_seconds": round(secs, 1),
+            "params": sum(x.size for x in jax.tree.leaves(params))}
+        r = res[f"d={d}/n={n}/seed={seed}"]
+        print(f"induction d={d} n={n} seed={seed}: accuracy {r['final_accuracy']:.3f} (chance "
+              f"{1 / I['symbols']:.3f}), steps to 50% / 90%: {r['steps_to_50']} / "
+              f"{r['steps_to_90']}, {secs:.0f} s", flush=True)
+        yield I, res
+  yield I, res  # also when every run was already there
+
+
+def mtp_code(args, ns):
+  tok = load_tokenizer("byte")
   C = dict(seq=SEQ, batch=BATCH, d=args.d_model, layers=args.layers, ffn=3 * args.d_model,
-           steps=args.steps, lr=args.lr)
-  out["_meta"]["code"] = C
+           steps=args.steps, lr=args.lr, eval_every=args.code_eval_every,
+           eval_batches=EVAL_BATCHES, curve_batches=4)
   data = DataConfig(source="stdlib", tokenizer="byte")
   evals = list(eval_batches(data, tok, SEQ, BATCH, max_batches=EVAL_BATCHES))
   token_bytes = jnp.asarray(tok.token_bytes(), jnp.float32)
-  code = {}
+  res = {}
   for n in ns:
-    cfg = mtl_config(tok.vocab_size, C["d"], C["layers"], C["ffn"], SEQ)
-    model = MultiTokenLlama(cfg, n)
-    params, losses, secs = train_mtl(model, train_iterator(data, tok, SEQ, BATCH), C["steps"],
-                                     C["lr"], tok.pad_id, f"code/n={n}")
-    head0 = _head0(model)
+    model = MultiTokenLlama(mtl_config(tok.vocab_size, C["d"], C["layers"], C["ffn"], SEQ), n)
 
     @jax.jit
-    def ev_fn(params, batch, head0=head0):
-      inputs_BL, targets_BL = split_tokens(batch["tokens"])
-      nll, count = next_token_nll(head0(params, inputs_BL), targets_BL, tok.pad_id)
-      n_bytes = jnp.sum(jnp.where(targets_BL != tok.pad_id, token_bytes[targets_BL], 0.0))
-      return nll, count, n_bytes
-    tot = np.zeros(3)
-    for b in evals:
-      tot += np.array([float(x) for x in ev_fn(params, b)])
-    s = lm_eval.summarize(*tot)
-    code[n] = {"heldout_bpb_head0": s["bpb"], "heldout_loss_head0": s["loss"],
-               "train_loss_sum_heads": losses, "train_seconds": round(secs, 1),
-               "params": sum(x.size for x in jax.tree.leaves(params))}
+    def ev_fn(params, batch, model=model, n=n):
+      """head-0 NLL, tokens, bytes; per-head top-1 hits and counts (head i vs token t+1+i)."""
+      logits_NBLV, _ = model.apply({"params": params}, batch["tokens"][:, :-1])
+      targets_NBL = mt.future_targets(batch["tokens"], n, tok.pad_id)
+      nll, count = next_token_nll(logits_NBLV[0], targets_NBL[0], tok.pad_id)
+      n_bytes = jnp.sum(jnp.where(targets_NBL[0] != tok.pad_id, token_bytes[targets_NBL[0]],
+                                  0.0))
+      real_NBL = targets_NBL != tok.pad_id
+      hits_N = jnp.sum((jnp.argmax(logits_NBLV, -1) == targets_NBL) & real_NBL, axis=(1, 2))
+      return nll, count, n_bytes, hits_N, jnp.sum(real_NBL, axis=(1, 2))
+
+    def evaluate(params, batches):
+      tot, hits, counts = np.zeros(3), np.zeros(n), np.zeros(n)
+      for b in batches:
+        nll, count, n_bytes, h, c = ev_fn(params, b)
+        tot += np.array([float(nll), float(count), float(n_bytes)])
+        hits += np.asarray(h)
+        counts += np.asarray(c)
+      return {**lm_eval.summarize(*tot), "head_accuracy": (hits / counts).tolist()}
+
+    params, losses, curve, secs = train_mtl(
+        model, train_iterator(data, tok, SEQ, BATCH), C["steps"], C["lr"], tok.pad_id,
+        f"code/n={n}", 0, C["eval_every"], lambda p: evaluate(p, evals[:C["curve_batches"]]))
+    s = evaluate(params, evals)
+    res[n] = {"heldout_bpb_head0": s["bpb"], "heldout_loss_head0": s["loss"],
+              "heldout_head_accuracy": s["head_accuracy"],
+              "bpb_curve": [(i, e["bpb"]) for i, e in curve],
+              "train_loss_sum_heads": losses, "train_seconds": round(secs, 1),
+              "params": sum(x.size for x in jax.tree.leaves(params))}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, f"mtp_code_n{n}.msgpack").write_bytes(flax.serialization.to_bytes(params))
-    print(f"code n={n}: held-out bpb (head 0) {s['bpb']:.4f} {secs:.0f} s", flush=True)
-    out["code"] = code
-    _save(args, "mtp.partial", out)
-  out["_meta"]["minutes"] = round((time.time() - t_all) / 60, 2)
-  _save(args, "mtp", out)
+    print(f"code n={n}: held-out bpb (head 0) {s['bpb']:.4f}, head accuracies "
+          f"{' / '.join(f'{a:.3f}' for a in s['head_accuracy'])}, {secs:.0f} s", flush=True)
+    yield C, res
 
+
+def mtp(args):
+  """Runs the induction and/or code parts; each writes `<out>/mtp_<part>.json` (so the two can
+  run as separate processes), then the plots and tables are made from whatever parts exist."""
+  ns = [int(n) for n in args.ns.split(",")]
+  parts = {"induction": mtp_induction, "code": mtp_code}
+  for part in (parts if args.part == "all" else [args.part]):
+    t0 = time.time()
+    out = {"_meta": {"ns": ns}}
+    for meta, res in parts[part](args, ns):
+      out["_meta"] = {**meta, "ns": ns}
+      out[part] = {str(k): v for k, v in res.items()}
+      _save(args, f"mtp_{part}.partial", out)
+    out["_meta"]["minutes"] = round((time.time() - t0) / 60, 2)
+    _save(args, f"mtp_{part}", out)
+    print(f"{part}: {out['_meta']['minutes']} min", flush=True)
+  merged = {"_meta": {}}
+  for part in parts:
+    path = Path(args.out, f"mtp_{part}.json")
+    if path.exists():
+      r = json.loads(path.read_text())
+      merged["_meta"][part], merged[part] = r["_meta"], r[part]
+  mtp_report(args, merged)
+
+
+def mtp_report(args, out):
+  """Plots (mtp_induction.png, mtp_code.png) and markdown tables from the parts' JSON (merged)."""
   plt = _plt()
-  fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-  for n in ns:
-    ax[0].plot(_smooth(np.array(ind[n]["train_loss_sum_heads"]) / n), label=f"n={n}")
-    ax[1].plot(_smooth(np.array(code[n]["train_loss_sum_heads"]) / n), label=f"n={n}")
-  ax[0].set(xlabel="step", ylabel="train loss / n (nats, mean over heads)",
-            title="Induction task")
-  ax[1].set(xlabel="step", ylabel="train loss / n (nats, mean over heads)", title="Code corpus")
-  for a in ax:
-    a.legend()
-    a.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(img / "mtp_training.png", dpi=110)
-  fig, ax = plt.subplots(1, 2, figsize=(9, 3.6))
-  ax[0].bar([str(n) for n in ns], [ind[n]["accuracy_second_occurrence"] for n in ns])
-  ax[0].axhline(1 / I["symbols"], color="k", ls=":", label="chance")
-  ax[0].set(xlabel="n (heads)", ylabel="next-token accuracy", title="Induction: 2nd occurrence")
-  ax[0].legend()
-  ax[1].bar([str(n) for n in ns], [code[n]["heldout_bpb_head0"] for n in ns])
-  lo = min(code[n]["heldout_bpb_head0"] for n in ns)
-  ax[1].set(xlabel="n (heads)", ylabel="held-out bits/byte (head 0)", title="Code corpus",
-            ylim=(lo * 0.9, None))
-  fig.tight_layout()
-  fig.savefig(img / "mtp_results.png", dpi=110)
-  print("| n | induction accuracy, 2nd occurrence | accuracy at random positions | code held-out "
-        "bpb (head 0) | params | train s (induction / code) |\n|---|---|---|---|---|---|")
-  for n in ns:
-    print(f"| {n} | {ind[n]['accuracy_second_occurrence']:.4f} | "
-          f"{ind[n]['accuracy_random_positions']:.4f} | {code[n]['heldout_bpb_head0']:.4f} | "
-          f"{code[n]['params']:,} | {ind[n]['train_seconds']} / {code[n]['train_seconds']} |")
-  print(f"total {out['_meta']['minutes']} min")
+  img = Path(args.img)
+  img.mkdir(parents=True, exist_ok=True)
+  if "induction" in out:
+    I = out["_meta"]["induction"]
+    ind = dict(sorted(out["induction"].items(),
+                      key=lambda kv: (kv[1]["d"], kv[1]["n"], kv[1]["seed"])))
+    widths = I["widths"]
+    fig, ax = plt.subplots(1, len(widths), figsize=(5.5 * len(widths), 4), squeeze=False)
+    for a, d in zip(ax[0], widths):
+      for key, r in ind.items():
+        if r["d"] == d:
+          s, acc = zip(*r["accuracy_curve"])
+          a.plot(s, acc, color=f"C{[1, 2, 4].index(r['n']) if r['n'] in (1, 2, 4) else 5}",
+                 ls=["-", "--", ":"][r["seed"] % 3], label=f"n={r['n']} seed {r['seed']}")
+      a.axhline(1 / I["symbols"], color="k", ls=":", lw=0.8, label="chance")
+      a.set(xlabel="step", ylabel="head-0 accuracy on copied tokens",
+            title=f"Induction, 2 layers, d={d}", ylim=(0, 1.02))
+      a.legend(fontsize=8)
+      a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(img / "mtp_induction.png", dpi=110)
+    plt.close(fig)
+    print("| width | n | seed | params | accuracy (head 0, copied tokens) | head accuracies "
+          "(0 / 1 / ...) | steps to 50% | steps to 90% | train s |\n|---|---|---|---|---|---|"
+          "---|---|---|")
+    for r in ind.values():
+      print(f"| {r['d']} | {r['n']} | {r['seed']} | {r['params']:,} | {r['final_accuracy']:.3f} | "
+            f"{' / '.join(f'{a:.3f}' for a in r['final_accuracy_per_head'])} | "
+            f"{r['steps_to_50']} | {r['steps_to_90']} | {r['train_seconds']} |")
+    groups = {}
+    for r in ind.values():
+      groups.setdefault((r["d"], r["n"]), []).append(r)
+    print("| width | n | seeds | accuracy, mean +- std | steps to 50% (per seed) | steps to 90% "
+          "(per seed) |\n|---|---|---|---|---|---|")
+    for (d, n), rs in groups.items():
+      acc = np.array([r["final_accuracy"] for r in rs])
+      print(f"| {d} | {n} | {len(rs)} | {acc.mean():.3f} +- {acc.std():.3f} | "
+            f"{', '.join(str(r['steps_to_50']) for r in rs)} | "
+            f"{', '.join(str(r['steps_to_90']) for r in rs)} |")
+  if "code" in out:
+    code = out["code"]
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for k, r in code.items():
+      ax[0].plot(*zip(*r["bpb_curve"]), "o-", ms=3, label=f"n={k}")
+      ax[1].plot(_smooth(np.array(r["train_loss_sum_heads"]) / int(k), 20), label=f"n={k}")
+    ax[0].set(xlabel="step", ylabel="held-out bits/byte, head 0 (4 batches)",
+              title="Code corpus: next-token quality")
+    ax[1].set(xlabel="step", ylabel="train loss / n (nats, mean over heads, 20-step avg)",
+              title="Code corpus: training objective")
+    for a in ax:
+      a.legend()
+      a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(img / "mtp_code.png", dpi=110)
+    plt.close(fig)
+    print("| n | params | held-out bpb (head 0) | held-out top-1 accuracy of head 0 / 1 / 2 / 3 "
+          "| train s |\n|---|---|---|---|---|")
+    for k, r in code.items():
+      print(f"| {k} | {r['params']:,} | {r['heldout_bpb_head0']:.4f} | "
+            f"{' / '.join(f'{a:.3f}' for a in r['heldout_head_accuracy'])} | "
+            f"{r['train_seconds']} |")
 
 
 # ------------------------------------------------------------------------------- (c) speculative
@@ -354,15 +468,116 @@ def code_prompts(tok, data, count, length, seed=0):
   return prompts
 
 
+def forward_costs(model, params, block_lens, cache_len, iters=32, repeats=5):
+  """{L: (wall ms, cpu ms)} per forward of the trunk + head 0 + unembedding + argmax over a block
+  of L tokens against KV caches of `cache_len` slots: `iters` forwards inside one compiled scan
+  (as the decoders run them), the block lengths interleaved, minimum over `repeats`. L = 1 is a
+  greedy step; L = n is the verification part of a speculative forward."""
+  cfg = model.config
+  empty = lambda: KVCache.empty(1, cache_len, cfg.n_kv_heads, cfg.resolved_head_dim,
+                                cfg.compute_dtype).replace(length=jnp.int32(cache_len // 2))
+  cache = {"trunk": [empty() for _ in range(cfg.n_layers - 1)], "head": empty()}
+
+  def make(L):
+    @jax.jit
+    def run(params, cache):
+      start = cache["head"].length
+
+      def body(cache, i):
+        tokens_1L = jnp.full((1, L), i % 200, jnp.int32)
+        z, trunk = model.apply({"params": params}, tokens_1L, cache=cache["trunk"],
+                               method="trunk")
+        logits, head = model.apply({"params": params}, 0, z, None, cache["head"],
+                                   method="head_logits")
+        keep = start + (jnp.argmax(logits[0, -1]) < 0).astype(jnp.int32)  # data-dependent
+        return speculative._set_length({"trunk": trunk, "head": head}, keep), None
+      return jax.lax.scan(body, cache, jnp.arange(iters))[0]
+    return run
+
+  fns = {L: make(L) for L in block_lens}
+  for f in fns.values():
+    jax.block_until_ready(f(params, cache))
+  best = {L: [math.inf, math.inf] for L in block_lens}
+  for _ in range(repeats):
+    for L, f in fns.items():
+      w, c = time.perf_counter(), time.process_time()
+      jax.block_until_ready(f(params, cache))
+      best[L] = [min(best[L][0], (time.perf_counter() - w) * 1e3 / iters),
+                 min(best[L][1], (time.process_time() - c) * 1e3 / iters)]
+  return {L: tuple(v) for L, v in best.items()}
+
+
+def time_decoders(model, params, prompts, N, repeats):
+  """Per prompt: medians over `repeats` of greedy and speculative wall and CPU seconds, timed
+  back to back (interleaved), both compiled first; forwards, acceptance counts, identity."""
+  greedy = lambda p: speculative.greedy_decode(model, params, p, max_new_tokens=N)
+  spec = lambda p: speculative.speculative_decode(model, params, p, max_new_tokens=N)
+  jax.block_until_ready(greedy(prompts[0]))
+  jax.block_until_ready(spec(prompts[0]))
+  rows = []
+  for p in prompts:
+    t = {k: [] for k in ("gw", "gc", "sw", "sc")}
+    for _ in range(repeats):
+      w, c = time.perf_counter(), time.process_time()
+      g = jax.block_until_ready(greedy(p))
+      w1, c1 = time.perf_counter(), time.process_time()
+      s, f = jax.block_until_ready(spec(p))
+      w2, c2 = time.perf_counter(), time.process_time()
+      t["gw"].append(w1 - w), t["gc"].append(c1 - c), t["sw"].append(w2 - w1)
+      t["sc"].append(c2 - c1)
+    _, f2, accepted = speculative.speculative_decode_stats(model, params, p, max_new_tokens=N)
+    med = {k: statistics.median(v) for k, v in t.items()}
+    rows.append({"greedy_s": med["gw"], "spec_s": med["sw"], "greedy_cpu_s": med["gc"],
+                 "spec_cpu_s": med["sc"], "speedup": med["gw"] / med["sw"],
+                 "speedup_cpu": med["gc"] / med["sc"], "forwards": int(f),
+                 "tokens_per_forward": N / int(f), "accepted": np.asarray(accepted).tolist(),
+                 "identical": bool(np.array_equal(np.asarray(g), np.asarray(s))),
+                 "output_ids": np.asarray(g).tolist()})
+    assert int(f2) == int(f)
+  return rows
+
+
+def marginal_costs(model, params, prompt, N, repeats):
+  """CPU ms of one greedy step and of one speculative forward without the prefill: the
+  difference between decoding N and N // 2 tokens (interleaved, minimum over `repeats`),
+  divided by the difference in tokens (greedy) or forwards (speculative)."""
+  fns = {}
+  for m in (N // 2, N):
+    fns[("g", m)] = functools.partial(speculative.greedy_decode, model, params, prompt,
+                                      max_new_tokens=m)
+    fns[("s", m)] = functools.partial(speculative.speculative_decode, model, params, prompt,
+                                      max_new_tokens=m)
+  out = {k: jax.block_until_ready(f()) for k, f in fns.items()}
+  best = {k: math.inf for k in fns}
+  for _ in range(repeats):
+    for k, f in fns.items():
+      c = time.process_time()
+      jax.block_until_ready(f())
+      best[k] = min(best[k], time.process_time() - c)
+  dg = (best[("g", N)] - best[("g", N // 2)]) / (N - N // 2)
+  df = int(out[("s", N)][1]) - int(out[("s", N // 2)][1])
+  ds_ = (best[("s", N)] - best[("s", N // 2)]) / max(df, 1)
+  return {"greedy_step_ms": 1e3 * dg, "spec_forward_ms": 1e3 * ds_, "ratio": ds_ / dg}
+
+
+def _acceptance(rows, n):
+  """Head j's acceptance rate given drafts 1 .. j-1 accepted, pooled over prompts."""
+  forwards = sum(r["forwards"] for r in rows)
+  acc = np.sum([r["accepted"] for r in rows], axis=0).astype(float)
+  reached = np.concatenate([[forwards], acc[:-1]])
+  return (acc / np.maximum(reached, 1)).tolist()
+
+
 def speculative_exp(args):
   tok, data = load_tokenizer("byte"), DataConfig(source="stdlib", tokenizer="byte")
-  meta = json.loads(Path(args.out, "mtp.json").read_text())["_meta"]["code"]
+  meta = json.loads(Path(args.out, "mtp_code.json").read_text())["_meta"]
   prompts = code_prompts(tok, data, args.prompts, args.prompt_len)
-  out = {"_meta": {"prompts": len(prompts), "prompt_len": args.prompt_len,
-                   "new_tokens": args.new_tokens, "repeats": args.repeats, "model": meta,
-                   "devices": str(jax.devices())}}
-  t_all = time.time()
   N = args.new_tokens
+  out = {"_meta": {"prompts": len(prompts), "prompt_len": args.prompt_len, "new_tokens": N,
+                   "repeats": args.repeats, "model": meta, "devices": str(jax.devices()),
+                   "xla_flags": os.environ.get("XLA_FLAGS", "")}}
+  t_all = time.time()
+  cache_len = args.prompt_len + N
   for n in [int(x) for x in args.ns.split(",")]:
     model = MultiTokenLlama(mtl_config(tok.vocab_size, meta["d"], meta["layers"], meta["ffn"],
                                        SEQ), n)
@@ -370,77 +585,134 @@ def speculative_exp(args):
         "params"]
     params = flax.serialization.from_bytes(
         template, Path(args.out, f"mtp_code_n{n}.msgpack").read_bytes())
-    # compile both (one prompt length: one compilation each)
-    jax.block_until_ready(speculative.greedy_decode(model, params, prompts[0], max_new_tokens=N))
-    jax.block_until_ready(speculative.speculative_decode(model, params, prompts[0],
-                                                         max_new_tokens=N))
-    rows = []
-    for i, p in enumerate(tqdm(prompts, desc=f"speculative/n={n}", dynamic_ncols=True)):
-      tg, ts = [], []
-      for _ in range(args.repeats):  # interleaved, so load changes hit both alike
-        t0 = time.perf_counter()
-        g = jax.block_until_ready(speculative.greedy_decode(model, params, p, max_new_tokens=N))
-        t1 = time.perf_counter()
-        s, f = jax.block_until_ready(speculative.speculative_decode(model, params, p,
-                                                                    max_new_tokens=N))
-        t2 = time.perf_counter()
-        tg.append(t1 - t0)
-        ts.append(t2 - t1)
-      rows.append({"greedy_s": statistics.median(tg), "spec_s": statistics.median(ts),
-                   "forwards": int(f), "tokens_per_forward": N / int(f),
-                   "identical": bool(np.array_equal(np.asarray(g), np.asarray(s))),
-                   "speedup": statistics.median(tg) / statistics.median(ts),
-                   "prompt": tok.decode(np.asarray(p[0])[1:]),
-                   "output": tok.decode(np.asarray(g)[np.asarray(g) < 256])})
-    rep = speculative.benchmark(model, params, prompts, N)  # the library's aggregate, same run
+    rows = time_decoders(model, params, prompts, N, args.repeats)
+    rep = speculative.benchmark(model, params, prompts, N, repeats=args.repeats)
+    costs = forward_costs(model, params, [1, n], cache_len)
+    marginal = marginal_costs(model, params, prompts[0], N, args.repeats)
+    total = lambda k: sum(r[k] for r in rows)
+    forwards = sum(r["forwards"] for r in rows)
     res = {
         "per_prompt": rows,
-        "median_tokens_per_forward": statistics.median(r["tokens_per_forward"] for r in rows),
-        "median_speedup": statistics.median(r["speedup"] for r in rows),
-        "median_greedy_ms": 1e3 * statistics.median(r["greedy_s"] for r in rows),
-        "median_spec_ms": 1e3 * statistics.median(r["spec_s"] for r in rows),
+        "tokens_per_forward": N * len(rows) / forwards,
+        "speedup": total("greedy_s") / total("spec_s"),
+        "speedup_cpu": total("greedy_cpu_s") / total("spec_cpu_s"),
+        "median_prompt_speedup": statistics.median(r["speedup"] for r in rows),
+        "acceptance_per_head": _acceptance(rows, n),
         "all_identical": all(r["identical"] for r in rows) and rep.identical,
-        "library_benchmark": {"tokens_per_forward": rep.tokens_per_forward,
-                              "speedup": rep.speedup, "greedy_seconds": rep.greedy_seconds,
-                              "speculative_seconds": rep.speculative_seconds,
-                              "identical": rep.identical},
+        # per-forward costs (ms): from the decoders' totals, and the scan measurement
+        "greedy_ms_per_token": 1e3 * total("greedy_s") / (N * len(rows)),
+        "spec_ms_per_forward": 1e3 * total("spec_s") / forwards,
+        "greedy_cpu_ms_per_token": 1e3 * total("greedy_cpu_s") / (N * len(rows)),
+        "spec_cpu_ms_per_forward": 1e3 * total("spec_cpu_s") / forwards,
+        "forward_ms": {f"L={L}": {"wall": w, "cpu": c} for L, (w, c) in costs.items()},
+        "library_benchmark": dataclasses.asdict(rep),
     }
-    # cost of one forward as a function of block length (what a verification forward costs)
+    res["marginal_cpu_ms"] = marginal  # per step / forward, prefill excluded
+    res["spec_forward_over_greedy_step_cpu"] = marginal["ratio"]
+    res["verify_over_step_cpu"] = costs[n][1] / costs[1][1]
     out[f"n={n}"] = res
-    print(f"n={n}: median tokens/forward {res['median_tokens_per_forward']:.2f}, median speedup "
-          f"{res['median_speedup']:.2f}x (greedy {res['median_greedy_ms']:.1f} ms, speculative "
-          f"{res['median_spec_ms']:.1f} ms for {N} tokens); identical: {res['all_identical']}; "
-          f"library benchmark: {rep.tokens_per_forward:.2f} tok/fwd, {rep.speedup:.2f}x",
-          flush=True)
+    print(f"n={n}: tokens/forward {res['tokens_per_forward']:.2f}, speedup {res['speedup']:.2f}x "
+          f"wall / {res['speedup_cpu']:.2f}x CPU time; acceptance per draft head "
+          f"{' / '.join(f'{a:.2f}' for a in res['acceptance_per_head'])}; a speculative forward "
+          f"costs {res['spec_forward_over_greedy_step_cpu']:.2f} greedy steps (its {n}-token "
+          f"verification alone {res['verify_over_step_cpu']:.2f}); identical: "
+          f"{res['all_identical']}; library benchmark {rep.tokens_per_forward:.2f} tok/fwd, "
+          f"{rep.speedup:.2f}x", flush=True)
     _save(args, "speculative.partial", out)
+
+  # what one forward costs at other widths (random weights: costs do not depend on training)
+  sweep = {}
+  rand_prompt = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, args.prompt_len)),
+                            jnp.int32)
+  for d in [int(x) for x in args.cost_widths.split(",")] if args.cost_widths else []:
+    n = 4
+    model = MultiTokenLlama(mtl_config(tok.vocab_size, d, meta["layers"], 3 * d, SEQ,
+                                       n_heads=max(4, d // 64), n_kv_heads=max(2, d // 128)), n)
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))[
+        "params"]
+    # weights x4: predictions vary from token to token, so most drafts are rejected and the
+    # marginal cost per forward is measured over many forwards
+    params = jax.tree.map(lambda x: 4.0 * x if x.ndim >= 2 else x, params)
+    costs = forward_costs(model, params, [1, n], cache_len, iters=16, repeats=3)
+    marginal = marginal_costs(model, params, rand_prompt, N, args.repeats)
+    sweep[d] = {"params": sum(x.size for x in jax.tree.leaves(params)),
+                "forward_ms": {f"L={L}": {"wall": w, "cpu": c} for L, (w, c) in costs.items()},
+                "verify_over_step_cpu": costs[n][1] / costs[1][1], "marginal_cpu_ms": marginal,
+                "spec_forward_over_greedy_step_cpu": marginal["ratio"]}
+    s = sweep[d]
+    print(f"cost sweep d={d} ({s['params'] / 1e6:.1f}M params, n=4, random weights): 1-token "
+          f"forward {costs[1][1]:.3f} ms CPU, {n}-token {costs[n][1]:.3f} ms "
+          f"({s['verify_over_step_cpu']:.2f}x); speculative forward "
+          f"{s['spec_forward_over_greedy_step_cpu']:.2f} greedy steps", flush=True)
+  out["cost_sweep"] = {str(k): v for k, v in sweep.items()}
   out["_meta"]["minutes"] = round((time.time() - t_all) / 60, 2)
   _save(args, "speculative", out)
+  speculative_report(args, out)
 
+
+def speculative_report(args, out):
   plt = _plt()
-  keys = [k for k in out if not k.startswith("_")]
-  fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+  keys = [k for k in out if k.startswith("n=")]
+  fig, ax = plt.subplots(1, 3, figsize=(15, 4))
   for k in keys:
     rs = out[k]["per_prompt"]
-    ax[0].scatter([r["tokens_per_forward"] for r in rs], [r["speedup"] for r in rs], label=k)
+    ax[0].scatter([r["tokens_per_forward"] for r in rs], [r["speedup"] for r in rs],
+                  label=f"{k} (wall)")
+    ax[0].scatter([r["tokens_per_forward"] for r in rs], [r["speedup_cpu"] for r in rs],
+                  marker="x", label=f"{k} (CPU time)")
   ax[0].axhline(1.0, color="k", ls=":")
-  ax[0].set(xlabel="tokens per forward", ylabel="wall-clock speedup vs greedy",
-            title="Per prompt")
-  ax[0].legend()
-  ax[1].bar(keys, [out[k]["median_speedup"] for k in keys], label="speedup")
-  ax[1].bar(keys, [out[k]["median_tokens_per_forward"] for k in keys], alpha=0.4,
-            label="tokens / forward")
-  ax[1].axhline(2.0, color="r", ls="--", label="2x target")
-  ax[1].set(title="Medians over prompts")
+  ax[0].axhline(2.0, color="r", ls="--", label="2x target")
+  ax[0].set(xlabel="tokens per forward", ylabel="speedup vs greedy", title="Per prompt")
+  ax[0].legend(fontsize=8)
+  for k in keys:
+    acc = out[k]["acceptance_per_head"]
+    ax[1].plot(range(1, len(acc) + 1), acc, "o-", label=k)
+  ax[1].set(xlabel="draft head j (predicts token t + 1 + j)", ylim=(0, 1),
+            ylabel="acceptance given drafts < j accepted", title="Draft acceptance")
   ax[1].legend()
+  labels, step, verify, spec = [], [], [], []
+  for k in keys:
+    r = out[k]
+    n = int(k[2:])
+    labels.append(f"trained {k}\nd={out['_meta']['model']['d']}")
+    step.append(1.0)
+    verify.append(r["verify_over_step_cpu"])
+    spec.append(r["spec_forward_over_greedy_step_cpu"])
+  for d, r in out.get("cost_sweep", {}).items():
+    labels.append(f"random n=4\nd={d}")
+    step.append(1.0)
+    verify.append(r["verify_over_step_cpu"])
+    spec.append(r["spec_forward_over_greedy_step_cpu"])
+  x = np.arange(len(labels))
+  ax[2].bar(x - 0.2, verify, 0.4, label="n-token verification (trunk + head 0)")
+  ax[2].bar(x + 0.2, spec, 0.4, label="whole speculative forward (+ drafts, loop)")
+  ax[2].axhline(1.0, color="k", ls=":", label="greedy step = 1")
+  ax[2].set_xticks(x, labels, fontsize=8)
+  ax[2].set(ylabel="cost in greedy steps (CPU time)", title="What one forward costs")
+  ax[2].legend(fontsize=8)
+  for a in ax:
+    a.grid(alpha=0.3)
   fig.tight_layout()
   Path(args.img).mkdir(parents=True, exist_ok=True)
   fig.savefig(Path(args.img, "spec_speedup.png"), dpi=110)
-  print("| model | median tokens / forward | median speedup | greedy ms | speculative ms | "
-        "identical |\n|---|---|---|---|---|---|")
+  plt.close(fig)
+  print("| model | tokens / forward | acceptance per draft head | speedup (wall) | speedup (CPU "
+        "time) | greedy step ms (CPU) | speculative forward ms (CPU) | forward cost in greedy "
+        "steps (verification / whole) | identical |\n|---|---|---|---|---|---|---|---|---|")
   for k in keys:
     r = out[k]
-    print(f"| {k} | {r['median_tokens_per_forward']:.2f} | {r['median_speedup']:.2f}x | "
-          f"{r['median_greedy_ms']:.1f} | {r['median_spec_ms']:.1f} | {r['all_identical']} |")
+    print(f"| {k} | {r['tokens_per_forward']:.2f} | "
+          f"{' / '.join(f'{a:.2f}' for a in r['acceptance_per_head'])} | {r['speedup']:.2f}x | "
+          f"{r['speedup_cpu']:.2f}x | {r['marginal_cpu_ms']['greedy_step_ms']:.3f} | "
+          f"{r['marginal_cpu_ms']['spec_forward_ms']:.3f} | {r['verify_over_step_cpu']:.2f} / "
+          f"{r['spec_forward_over_greedy_step_cpu']:.2f} | {r['all_identical']} |")
+  if out.get("cost_sweep"):
+    print("| width (n=4, random weights) | params | 1-token forward ms (CPU) | 4-token forward "
+          "ms (CPU) | ratio | speculative forward / greedy step |\n|---|---|---|---|---|---|")
+    for d, r in out["cost_sweep"].items():
+      f = r["forward_ms"]
+      print(f"| {d} | {r['params'] / 1e6:.1f}M | {f['L=1']['cpu']:.3f} | {f['L=4']['cpu']:.3f} | "
+            f"{r['verify_over_step_cpu']:.2f} | {r['spec_forward_over_greedy_step_cpu']:.2f} |")
   print(f"total {out['_meta']['minutes']} min")
 
 
@@ -449,26 +721,37 @@ def main():
   ap.add_argument("exp", choices=["balance", "mtp", "speculative"])
   ap.add_argument("--out", default="runs/deepseek")
   ap.add_argument("--img", default="docs/results/img")
-  ap.add_argument("--steps", type=int, default=300)
+  ap.add_argument("--steps", type=int, default=None, help="default: balance 300, mtp code 800")
   ap.add_argument("--lr", type=float, default=3e-3)
   # balance
   ap.add_argument("--alpha", type=float, default=1e-2, help="sequence-wise balance loss weight")
   ap.add_argument("--gamma", type=float, default=1e-3, help="bias update speed")
   # mtp
   ap.add_argument("--ns", default="1,2,4")
-  ap.add_argument("--induction-steps", type=int, default=400)
+  ap.add_argument("--part", choices=["all", "induction", "code"], default="all")
+  ap.add_argument("--induction-steps", type=int, default=1000)
+  ap.add_argument("--induction-lr", type=float, default=1e-3)
+  ap.add_argument("--induction-widths", default="32,64")
+  ap.add_argument("--induction-eval-every", type=int, default=50)
+  ap.add_argument("--seeds", type=int, default=1, help="induction seeds per (width, n)")
+  ap.add_argument("--ind-seq", type=int, default=64)
   ap.add_argument("--symbols", type=int, default=32)
-  ap.add_argument("--seg", type=int, default=12)
+  ap.add_argument("--seg", type=int, default=24)
   ap.add_argument("--d-model", type=int, default=128)
-  ap.add_argument("--layers", type=int, default=3)
+  ap.add_argument("--layers", type=int, default=4)
+  ap.add_argument("--code-eval-every", type=int, default=100)
   # speculative
   ap.add_argument("--prompts", type=int, default=8)
   ap.add_argument("--prompt-len", type=int, default=64)
   ap.add_argument("--new-tokens", type=int, default=128)
-  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--cost-widths", default="128,256,512",
+                  help="widths of random-weight n=4 models whose forward costs are measured")
   args = ap.parse_args()
   if args.exp == "speculative" and args.ns == "1,2,4":
     args.ns = "2,4"
+  if args.steps is None:
+    args.steps = {"balance": 300, "mtp": 800}.get(args.exp, 0)
   {"balance": balance, "mtp": mtp, "speculative": speculative_exp}[args.exp](args)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -14,17 +14,29 @@ from jaxllm.objectives.next_token import next_token_nll, split_tokens
 
 
 def make_eval_fn(model, pad_id: int, token_bytes: np.ndarray):
-  """(params, batch) -> (nll_sum nats, target tokens, target bytes)."""
+  """(params, batch) -> (nll_sum nats, target tokens, target bytes).
+
+  `params` is the parameter tree, or a whole variables dict {"params": ..., <collections>} for
+  models with state besides their parameters (a DeepSeek model's router bias lives in its
+  `balance` collection and must be scored with it)."""
   token_bytes = jnp.asarray(token_bytes, jnp.float32)
 
   def eval_fn(params, batch):
     inputs_BL, targets_BL = split_tokens(batch["tokens"])
-    logits_BLV, _ = model.apply({"params": params}, inputs_BL)
+    logits_BLV, _ = model.apply(as_variables(params), inputs_BL)
     nll, count = next_token_nll(logits_BLV, targets_BL, pad_id)
     n_bytes = jnp.sum(jnp.where(targets_BL != pad_id, token_bytes[targets_BL], 0.0))
     return nll, count, n_bytes
 
   return eval_fn
+
+
+def as_variables(params_or_variables) -> dict[str, Any]:
+  """{"params": tree} for a parameter tree; a variables dict (it has a "params" entry: a model's
+  parameter tree never has a top-level module named "params") is returned as it is."""
+  if isinstance(params_or_variables, Mapping) and "params" in params_or_variables:
+    return dict(params_or_variables)
+  return {"params": params_or_variables}
 
 
 def make_masked_diffusion_eval_fn(model, mask_id: int, pad_id: int, token_bytes: np.ndarray,

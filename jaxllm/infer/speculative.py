@@ -2,31 +2,49 @@
 
 The next-token head (head 0) is the model; heads 1 .. n-1 of a `MultiTokenLlama` propose the
 following tokens. Each forward feeds the current block of n tokens [d_0 (certain), d_1 .. d_{n-1}
-(drafts)] through trunk and heads with the KV cache; head 0's greedy predictions g_j verify the
-drafts: d_j is accepted while d_j == g_{j-1} for every earlier j. The m accepted tokens are
+(drafts)] through the trunk and head 0 with the KV cache; head 0's greedy predictions g_j verify
+the drafts: d_j is accepted while d_j == g_{j-1} for every earlier j. The m accepted tokens are
 emitted, the caches are rolled back to the accepted length (later slots are masked and
 overwritten), and the next block is [g_{m-1}, head_1 .. head_{n-1} at position m-1]. The output
-is, by construction, exactly plain greedy decoding with head 0; each forward emits 1 .. n tokens.
+is, by construction, plain greedy decoding with head 0 (up to floating-point reassociation: head 0
+sees a block of n tokens instead of one, so an exact tie between two logits could break the
+other way); each forward emits 1 .. n tokens.
+
+What one verification forward computes (and what it skips):
+  - the trunk and head 0 on the n block positions (verification needs all n);
+  - for each draft head 1 .. n-1 only the keys and values of the n positions (its cache needs
+    them) and the full layer at the single position m-1 whose drafts are used. The heads run in
+    turn: as one `vmap`ped layer over stacked parameters they cost twice as much on XLA:CPU
+    (batched matmuls; measured 0.25 vs 0.13 ms per forward for 3 heads at d 128);
+  - one unembedding of head 0 at the n positions and one of the n-1 drafts; only argmaxes leave
+    the forward, the roll-back only resets `length`, and nothing returns to the host until the end.
 
 `deepseek_mtp_speculative_decode` does the same with DeepSeek-V3's depth-1 MTP module as the
 draft (blocks of 2: the certain token and the MTP guess for the one after it).
 
 Every decoder here is one compiled program (`jax.lax.while_loop` / `scan`), batch size 1, so
-wall-clock ratios compare like with like.
+wall-clock ratios compare like with like; `benchmark` times greedy and speculative decoding
+interleaved, prompt by prompt.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import statistics
 import time
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Int
+import numpy as np
+from jaxtyping import Array, Float, Int
 
+from jaxllm.models.llama import LlamaConfig
 from jaxllm.models.mtp import MultiTokenLlama, decoder_block, init_multi_token_cache
 from jaxllm.nn.attention import KVCache
+from jaxllm.nn.linear import dense
+from jaxllm.nn.norms import RMSNorm
+from jaxllm.nn.rope import apply_rope
 
 
 def _set_length(cache, length):
@@ -59,78 +77,107 @@ def greedy_decode(model: MultiTokenLlama, params, prompt_1P: Int[Array, "1 P"], 
   return out
 
 
-def _stack(trees):
-  return jax.tree.map(lambda *x: jnp.stack(x), *trees)
+def head_keys_values(config: LlamaConfig, head_params, z_BLD: Float[Array, "B L D"],
+                     positions_BL: Int[Array, "B L"]):
+  """The keys and values [B, L, K, H] a head layer (`DecoderBlock` with `head_params`) writes
+  into its KV cache for inputs z: its attention RMSNorm, k/v projections and RoPE, the same
+  modules the block runs, without the queries, attention output and MLP."""
+  cfg = config
+  K, H = cfg.n_kv_heads, cfg.resolved_head_dim
+  B, L, D = z_BLD.shape
+  x_TD = RMSNorm(cfg.norm_eps, cfg.weight_dtype).apply(
+      {"params": head_params["attn_norm"]}, z_BLD).reshape(B * L, D)
+  proj = lambda name: dense(K * H, ("embed", "kv_heads"), name=name, dtype=cfg.compute_dtype,
+                            param_dtype=cfg.weight_dtype).apply(
+                                {"params": head_params["attn"][name]}, x_TD).reshape(B, L, K, H)
+  inv_freq = np.asarray(decoder_block(cfg).inv_freq)  # exactly the block's RoPE frequencies
+  return apply_rope(proj("k_proj"), positions_BL, inv_freq), proj("v_proj")
 
 
-def _all_heads(model: MultiTokenLlama, params, tokens_1L, cache):
-  """Trunk over a block, then all n heads as ONE batched layer (`vmap` over the heads' stacked
-  parameters and caches, not n layers in turn): head outputs [n, L, D] before the final norm,
-  and the cache {"trunk": [...], "heads": KVCache with a leading head axis}."""
-  z_1LD, trunk = model.apply({"params": params}, tokens_1L, cache=cache["trunk"],
-                             method="trunk")
-  L = tokens_1L.shape[1]
-  positions_1L = (cache["heads"].length + jnp.arange(L, dtype=jnp.int32))[None]
-  block = decoder_block(model.config)
-  stacked = _stack([params[f"heads_{i}"] for i in range(model.n_future)])
-  axes = KVCache(0, 0, None)  # one shared length for all heads
-  h_N1LD, heads = jax.vmap(lambda p, c: block.apply({"params": p}, z_1LD, positions_1L, c),
-                           in_axes=(0, axes), out_axes=(0, axes))(stacked, cache["heads"])
-  return h_N1LD[:, 0], {"trunk": trunk, "heads": heads}
+def _speculative(model: MultiTokenLlama, params, prompt_1P, max_new_tokens: int):
+  """(tokens [N], forwards, accepted [n-1]): accepted[j-1] counts the forwards in which draft j
+  was accepted (drafts 1 .. j all equal to head 0's greedy tokens)."""
+  n, cfg = model.n_future, model.config
+  if n < 2:
+    raise ValueError(f"Self-speculative decoding needs n_future >= 2 heads (got {n}).")
+  P = prompt_1P.shape[1]
+  max_len = P + max_new_tokens + 2 * n
+  empty = lambda: KVCache.empty(1, max_len, cfg.n_kv_heads, cfg.resolved_head_dim,
+                                cfg.compute_dtype)
+  cache = {"trunk": [empty() for _ in range(cfg.n_layers - 1)], "head": empty(),
+           "drafts": [empty() for _ in range(n - 1)]}
+  layer = decoder_block(cfg)
 
+  def draft_head(i, cache, z_1LD, positions_1L, m):
+    """Draft head i: keys/values of the whole block, the full layer at position m-1 only."""
+    p = params[f"heads_{i}"]
+    k_1LKH, v_1LKH = head_keys_values(cfg, p, z_1LD, positions_1L)
+    start = cache.length
+    cache = KVCache(
+        jax.lax.dynamic_update_slice(cache.k_BSKH, k_1LKH.astype(cache.k_BSKH.dtype),
+                                     (0, start, 0, 0)),
+        jax.lax.dynamic_update_slice(cache.v_BSKH, v_1LKH.astype(cache.v_BSKH.dtype),
+                                     (0, start, 0, 0)),
+        start + m - 1)  # the layer call below rewrites slot start + m - 1 and attends up to it
+    at = lambda x: jax.lax.dynamic_slice_in_dim(x, m - 1, 1, axis=1)
+    h_11D, cache = layer.apply({"params": p}, at(z_1LD), at(positions_1L), cache)
+    return h_11D[0, 0], cache
 
-def _argmax_logits(model, params, h_LD):
-  return jnp.argmax(model.apply({"params": params}, h_LD, method="unembed"),
-                    axis=-1).astype(jnp.int32)
+  def forward(block_1L, cache, accept):
+    """-> head 0's greedy tokens after each block position [L], accepted count m, the n-1
+    drafts after position m-1, and the caches (length = start + L; rolled back by the caller)."""
+    z_1LD, trunk = model.apply({"params": params}, block_1L, cache=cache["trunk"],
+                               method="trunk")
+    logits_1LV, head = model.apply({"params": params}, 0, z_1LD, None, cache["head"],
+                                   method="head_logits")
+    greedy_L = jnp.argmax(logits_1LV[0], axis=-1).astype(jnp.int32)
+    m = accept(greedy_L)
+    L = block_1L.shape[1]
+    positions_1L = (cache["head"].length + jnp.arange(L, dtype=jnp.int32))[None]
+    h_D, drafts = zip(*[draft_head(i, cache["drafts"][i - 1], z_1LD, positions_1L, m)
+                        for i in range(1, n)])
+    draft_N = jnp.argmax(model.apply({"params": params}, jnp.stack(h_D), method="unembed"),
+                         axis=-1).astype(jnp.int32)
+    return greedy_L, m, draft_N, {"trunk": trunk, "head": head, "drafts": list(drafts)}
+
+  greedy_P, _, draft_N, cache = forward(prompt_1P, cache, lambda g: jnp.int32(P))
+  block = jnp.concatenate([greedy_P[P - 1][None], draft_N])
+  out = jnp.zeros((max_new_tokens + n,), jnp.int32)
+
+  def body(state):
+    out, n_out, block, cache, forwards, accepted = state
+    length = cache["head"].length
+    # block[j] (j >= 1) is accepted while it equals greedy's token after block[j - 1]
+    run = lambda greedy_L: jnp.cumprod((block[1:] == greedy_L[:-1]).astype(jnp.int32))
+    greedy_L, m, draft_N, cache = forward(block[None], cache, lambda g: 1 + jnp.sum(run(g)))
+    accepted = accepted + run(greedy_L)
+    out = jax.lax.dynamic_update_slice(out, block, (n_out,))
+    cache = _set_length(cache, length + m)  # roll back: later slots are masked, overwritten
+    block = jnp.concatenate([greedy_L[m - 1][None], draft_N])
+    return out, n_out + m, block, cache, forwards + 1, accepted
+
+  zero = jnp.zeros((), jnp.int32)
+  out, _, _, _, forwards, accepted = jax.lax.while_loop(
+      lambda state: state[1] < max_new_tokens, body,
+      (out, zero, block, cache, zero, jnp.zeros((n - 1,), jnp.int32)))
+  return out[:max_new_tokens], forwards, accepted
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
 def speculative_decode(model: MultiTokenLlama, params, prompt_1P: Int[Array, "1 P"], *,
                        max_new_tokens: int) -> tuple[Int[Array, " N"], Int[Array, ""]]:
-  """(greedy tokens, number of forwards after the prefill) by blockwise self-speculation.
+  """(greedy tokens, number of forwards after the prefill) by blockwise self-speculation."""
+  tokens, forwards, _ = _speculative(model, params, prompt_1P, max_new_tokens)
+  return tokens, forwards
 
-  One verification forward = the trunk on the n-token block, all n heads as one batched layer
-  (their KV caches need every block position), the unembedding of head 0 at the n positions
-  (verification), then the unembedding of heads 1 .. n-1 at the last accepted position only
-  (the next drafts). Only argmaxes leave the forward; the rollback only resets `length`."""
-  n = model.n_future
-  P = prompt_1P.shape[1]
-  max_len = P + max_new_tokens + 2 * n
-  cfg = model.config
-  empty = lambda: KVCache.empty(1, max_len, cfg.n_kv_heads, cfg.resolved_head_dim,
-                                cfg.compute_dtype)
-  cache = {"trunk": [empty() for _ in range(cfg.n_layers - 1)],
-           "heads": _stack([empty() for _ in range(n)]).replace(length=jnp.zeros((), jnp.int32))}
 
-  def forward(block_1L, cache):
-    """-> head 0's greedy tokens after each block position [L], heads' outputs, cache."""
-    h_NLD, cache = _all_heads(model, params, block_1L, cache)
-    return _argmax_logits(model, params, h_NLD[0]), h_NLD, cache
-
-  def next_block(greedy_L, h_NLD, m):
-    """[certain token, drafts of heads 1 .. n-1] after the m-th block position."""
-    drafts = _argmax_logits(model, params, jax.lax.dynamic_index_in_dim(h_NLD[1:], m - 1, 1,
-                                                                        keepdims=False))
-    return jnp.concatenate([greedy_L[m - 1][None], drafts])
-
-  greedy_P, h_NPD, cache = forward(prompt_1P, cache)
-  block = next_block(greedy_P, h_NPD, P)
-  out = jnp.zeros((max_new_tokens + n,), jnp.int32)
-
-  def body(state):
-    out, n_out, block, cache, forwards = state
-    length = cache["heads"].length
-    greedy_L, h_NLD, cache = forward(block[None], cache)
-    # block[j] (j >= 1) is accepted while it equals greedy's token after block[j - 1]
-    m = 1 + jnp.sum(jnp.cumprod((block[1:] == greedy_L[:-1]).astype(jnp.int32)))
-    out = jax.lax.dynamic_update_slice(out, block, (n_out,))
-    cache = _set_length(cache, length + m)  # roll back: later slots are masked, overwritten
-    return out, n_out + m, next_block(greedy_L, h_NLD, m), cache, forwards + 1
-
-  out, _, _, _, forwards = jax.lax.while_loop(
-      lambda state: state[1] < max_new_tokens, body,
-      (out, jnp.zeros((), jnp.int32), block, cache, jnp.zeros((), jnp.int32)))
-  return out[:max_new_tokens], forwards
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
+def speculative_decode_stats(model: MultiTokenLlama, params, prompt_1P: Int[Array, "1 P"], *,
+                             max_new_tokens: int):
+  """(tokens, forwards, accepted [n-1]): as `speculative_decode`, plus for each draft head j the
+  number of forwards in which drafts 1 .. j were all accepted (accepted[j-1] / accepted[j-2] is
+  head j's acceptance rate given that the drafts before it were accepted)."""
+  return _speculative(model, params, prompt_1P, max_new_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,34 +185,44 @@ class SpeculativeReport:
   tokens: int
   forwards: int  # verification forwards (plain greedy needs `tokens` of them)
   tokens_per_forward: float
-  greedy_seconds: float
+  greedy_seconds: float  # sum over prompts of the median over repeats
   speculative_seconds: float
   speedup: float
   identical: bool
+  per_prompt_speedup: tuple[float, ...] = ()
 
 
-def benchmark(model: MultiTokenLlama, params, prompts: list, max_new_tokens: int
-              ) -> SpeculativeReport:
+def benchmark(model: MultiTokenLlama, params, prompts: list, max_new_tokens: int,
+              repeats: int = 3, clock=time.perf_counter) -> SpeculativeReport:
   """Accepted tokens per forward and wall-clock speedup vs greedy with a KV cache, measured in
-  the same run (both compiled first; prompts of one length share one compilation)."""
-  for p in prompts[:1]:
-    jax.block_until_ready(greedy_decode(model, params, p, max_new_tokens=max_new_tokens))
-    jax.block_until_ready(speculative_decode(model, params, p, max_new_tokens=max_new_tokens))
-  t0 = time.perf_counter()
-  greedy = [jax.block_until_ready(greedy_decode(model, params, p,
-                                                max_new_tokens=max_new_tokens))
-            for p in prompts]
-  t1 = time.perf_counter()
-  spec = [jax.block_until_ready(speculative_decode(model, params, p,
-                                                   max_new_tokens=max_new_tokens))
-          for p in prompts]
-  t2 = time.perf_counter()
-  forwards = sum(int(f) for _, f in spec)
+  the same run: both compiled first (prompts of one length share one compilation), then timed
+  interleaved, greedy and speculative back to back for each prompt and repeat, so that changes
+  in machine load hit both alike; per prompt the median over `repeats` is kept."""
+  greedy = functools.partial(greedy_decode, model, params, max_new_tokens=max_new_tokens)
+  spec = functools.partial(speculative_decode, model, params, max_new_tokens=max_new_tokens)
+  for p in {tuple(p.shape): p for p in prompts}.values():  # one compilation per prompt shape
+    jax.block_until_ready(greedy(p))
+    jax.block_until_ready(spec(p))
+  tg, ts, forwards, identical = [], [], 0, True
+  for p in prompts:
+    times_g, times_s = [], []
+    for _ in range(repeats):
+      t0 = clock()
+      g = jax.block_until_ready(greedy(p))
+      t1 = clock()
+      s, f = jax.block_until_ready(spec(p))
+      t2 = clock()
+      times_g.append(t1 - t0)
+      times_s.append(t2 - t1)
+    tg.append(statistics.median(times_g))
+    ts.append(statistics.median(times_s))
+    forwards += int(f)
+    identical &= bool(jnp.array_equal(g, s))
   tokens = max_new_tokens * len(prompts)
   return SpeculativeReport(
       tokens=tokens, forwards=forwards, tokens_per_forward=tokens / max(forwards, 1),
-      greedy_seconds=t1 - t0, speculative_seconds=t2 - t1, speedup=(t1 - t0) / (t2 - t1),
-      identical=all(bool(jnp.array_equal(g, s)) for g, (s, _) in zip(greedy, spec)))
+      greedy_seconds=sum(tg), speculative_seconds=sum(ts), speedup=sum(tg) / sum(ts),
+      identical=identical, per_prompt_speedup=tuple(a / b for a, b in zip(tg, ts)))
 
 
 # ------------------------------------------------------------------- DeepSeek MTP as the draft

@@ -253,11 +253,15 @@ class MoE(nn.Module):
     x_TD = x_BLD.reshape(B * L, D)
     gate = dense(E, ("embed", None), name="gate", dtype=jnp.float32,
                  param_dtype=self.param_dtype)
-    if self.has_variable("balance", "e_score_correction_bias") or self.is_initializing():
-      bias_E = self.variable("balance", "e_score_correction_bias",
-                             lambda: jnp.zeros((E,), jnp.float32)).value
-    else:  # applied without a `balance` collection: no correction (plain top-k)
-      bias_E = jnp.zeros((E,), jnp.float32)
+    if not (self.has_variable("balance", "e_score_correction_bias") or self.is_initializing()):
+      # A silent zero bias would route differently from training (and from the checkpoint).
+      raise ValueError(
+          f"MoE layer {'/'.join(self.scope.path)} was applied without its router bias: pass the "
+          "model's `balance` collection with the parameters, e.g. model.apply({'params': params, "
+          "'balance': balance}, ...) (a zero bias, i.e. plain top-k routing, is "
+          "jax.tree.map(jnp.zeros_like, balance)).")
+    bias_E = self.variable("balance", "e_score_correction_bias",
+                           lambda: jnp.zeros((E,), jnp.float32)).value
     gates_TK, idx_TK, scores_TE = route(
         gate(x_TD.astype(jnp.float32)), bias_E, top_k=self.top_k, n_group=self.n_group,
         topk_group=self.topk_group, route_scale=self.route_scale, score_func=self.score_func,

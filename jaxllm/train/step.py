@@ -44,10 +44,16 @@ def lm_loss_fn(model: nn.Module, pad_id: int) -> LossFn:
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    grad_accum: int = 1) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """One optimizer update on a batch, split into `grad_accum` sequential micro-batches."""
+                    grad_accum: int = 1, value_and_grad: Callable | None = None,
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """One optimizer update on a batch, split into `grad_accum` sequential micro-batches.
+
+  `value_and_grad`, if given, replaces `jax.value_and_grad(loss_fn, has_aux=True)`: a function
+  (params, batch, rng) -> ((loss_sum, weight), grads) with the same values, computed another way
+  (e.g. `jaxllm.objectives.multi_token.multi_token_value_and_grad`, the memory-efficient
+  multi-token backward)."""
   # loss_fn returns (loss_sum, weight): differentiate the sum, carry the weight as aux.
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = value_and_grad or jax.value_and_grad(loss_fn, has_aux=True)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))

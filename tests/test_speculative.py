@@ -1,0 +1,83 @@
+"""Self-speculative decoding internals: draft-head keys/values, acceptance counts, interleaved
+benchmark timing."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.infer import speculative
+from jaxllm.models import llama
+from jaxllm.models.mtp import MultiTokenLlama, decoder_block
+from jaxllm.nn.attention import KVCache
+
+
+def _mtl(n_future, scale=3.0):
+  """A tiny model whose weights are scaled up so that its predictions vary from token to token."""
+  cfg = llama.tiny(n_layers=3, d_model=32, ffn_dim=64)
+  model = MultiTokenLlama(cfg, n_future)
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+  return model, jax.tree.map(lambda x: x * scale if x.ndim >= 2 else x, params)
+
+
+def test_head_keys_values_equal_what_the_head_layer_caches():
+  model, params = _mtl(3)
+  cfg = model.config
+  z_BLD = jax.random.normal(jax.random.key(1), (2, 5, cfg.d_model))
+  positions_BL = jnp.broadcast_to(7 + jnp.arange(5), (2, 5))
+  cache = KVCache.empty(2, 16, cfg.n_kv_heads, cfg.resolved_head_dim).replace(
+      length=jnp.int32(7))
+  _, cache = decoder_block(cfg).apply({"params": params["heads_2"]}, z_BLD, positions_BL, cache)
+  k, v = speculative.head_keys_values(cfg, params["heads_2"], z_BLD, positions_BL)
+  np.testing.assert_allclose(k, cache.k_BSKH[:, 7:12], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(v, cache.v_BSKH[:, 7:12], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_future", [2, 3])
+def test_speculative_equals_greedy_and_counts_acceptances(n_future):
+  model, params = _mtl(n_future)
+  N = 20
+  for seed in range(2):
+    prompt = jax.random.randint(jax.random.key(seed), (1, 6), 0, 256)
+    greedy = speculative.greedy_decode(model, params, prompt, max_new_tokens=N)
+    tokens, forwards, accepted = speculative.speculative_decode_stats(model, params, prompt,
+                                                                      max_new_tokens=N)
+    np.testing.assert_array_equal(tokens, greedy)
+    accepted = np.asarray(accepted)
+    assert accepted.shape == (n_future - 1,)
+    assert np.all(np.diff(accepted) <= 0)  # draft j is accepted only after drafts 1 .. j-1
+    emitted = int(forwards) + int(accepted.sum())  # each forward emits 1 + accepted drafts
+    assert N <= emitted < N + n_future
+    assert len(set(np.asarray(greedy).tolist())) > 3  # a non-degenerate continuation
+  # zero final-norm scale: every head predicts token 0 everywhere, every draft is accepted
+  same = {**params, "final_norm": {"scale": jnp.zeros_like(params["final_norm"]["scale"])}}
+  _, forwards, accepted = speculative.speculative_decode_stats(model, same, prompt,
+                                                               max_new_tokens=N)
+  assert int(forwards) == -(-N // n_future)
+  np.testing.assert_array_equal(accepted, [int(forwards)] * (n_future - 1))
+
+
+def test_benchmark_times_greedy_and_speculative_interleaved(monkeypatch):
+  """After compiling, each (prompt, repeat) runs greedy then speculative back to back, so load
+  changes during the benchmark hit both alike."""
+  model, params = _mtl(2)
+  calls = []
+  greedy, spec = speculative.greedy_decode, speculative.speculative_decode
+
+  def logged(name, fn):
+    def f(*a, **kw):
+      calls.append(name)
+      return fn(*a, **kw)
+    return f
+
+  monkeypatch.setattr(speculative, "greedy_decode", logged("g", greedy))
+  monkeypatch.setattr(speculative, "speculative_decode", logged("s", spec))
+  prompts = [jax.random.randint(jax.random.key(s), (1, 5), 0, 256) for s in range(2)]
+  rep = speculative.benchmark(model, params, prompts, max_new_tokens=8, repeats=3)
+  assert calls[:2] == ["g", "s"]  # compilation (one prompt shape)
+  assert calls[2:] == ["g", "s"] * 2 * 3
+  assert rep.identical and len(rep.per_prompt_speedup) == 2
+  assert rep.tokens == 16 and 1.0 <= rep.tokens_per_forward <= 2.0
