@@ -178,7 +178,7 @@ def test_quest_vjp_is_masked_gradient_through_hadamard(bits):
 
 def test_straight_through_quantizers_have_identity_vjp():
   x = jax.random.normal(jax.random.key(8), (4, 64))
-  for method, bits in (("bitnet", T), ("absmax", 8), ("minmax", 4)):
+  for method, bits in (("bitnet", T), ("absmax", 8), ("minmax", 4), ("matquant", 2)):
     (gx,) = jax.vjp(lambda v, m=method, b=bits: q.ste_quantize(v, m, b), x)[1](2 * x)
     np.testing.assert_allclose(gx, 2 * x)
 

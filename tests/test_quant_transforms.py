@@ -105,3 +105,49 @@ def test_qat_switch_from_full_precision():
       assert float(fc[pol.QAT_GATE]) == 1.0
       assert not np.allclose(fc[pol.QUANT_SCALE], before["fc"][pol.QUANT_SCALE])
       assert abs(float(l) - float(fp_loss(before))) > 1e-7
+
+
+
+def test_gated_model_trains_like_the_fp_model_until_the_switch():
+  """The ParetoQ experiment's fairness: before the switch, a `qat_gate` model under the full QAT
+  chain (clipping, AdamW with the decay mask, the scale optimizer, the switch) takes the same
+  steps on the same batches as the plain FP model under the same chain."""
+  from jaxllm.models import llama
+  from jaxllm.train.optim import decay_mask
+  from jaxllm.train.step import TrainState, lm_loss_fn, make_train_step
+
+  model = llama.Llama(llama.tiny(n_layers=1))
+  policy = quant.Policy((quant.Rule(r"layers_\d+/(attn|mlp)/.*", quant.paretoq(2)),),
+                        qat_gate=True)
+  sched = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 1, 8, 1e-3)
+  chain = qt.with_scale_optimizer(
+      optax.chain(optax.clip_by_global_norm(1.0),
+                  optax.adamw(sched, weight_decay=0.1, mask=decay_mask)), optax.adam(sched))
+  tokens = jnp.asarray(np.random.RandomState(0).randint(0, 256, (3, 4, 17)), jnp.int32)
+
+  def run(m, tx):
+    params = nn.unbox(jax.jit(m.init)(jax.random.key(0), tokens[0, :, :-1]))["params"]
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+                       jax.random.key_data(jax.random.key(1)))
+    step = jax.jit(make_train_step(lm_loss_fn(m, 258), tx))
+    losses = []
+    for batch in tokens:
+      state, metrics = step(state, {"tokens": batch})
+      losses.append(float(metrics["loss"]))
+    return state.params, losses
+
+  fp_params, fp_losses = run(model, chain)
+  q_params, q_losses = run(policy.apply(model),
+                           optax.chain(chain, qt.qat_switch(8, policy, qat_fraction=0.5)))
+  np.testing.assert_allclose(q_losses, fp_losses, rtol=1e-6)
+  q_params = _drop(q_params, (pol.QUANT_SCALE, pol.QAT_GATE))
+  assert jax.tree.structure(q_params) == jax.tree.structure(fp_params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               q_params, fp_params)
+  assert not np.allclose(fp_losses[0], fp_losses[2])  # the steps did train
+
+
+def _drop(tree, names):
+  if isinstance(tree, dict):
+    return {k: _drop(v, names) for k, v in tree.items() if k not in names}
+  return tree
