@@ -225,6 +225,18 @@ def matquant(d, done, steps):
     if k == "mix_n_match" or not isinstance(v.get("bpb"), dict):
       continue
     table.append(f"| {k} | " + " | ".join(_bpb(v, r) for r in widths) + " |")
+  seeds = meta.get("seeds", [])
+  if len(seeds) > 1:  # the seed spread swamps the differences: compare within each seed
+    paired = [k for k, v in rows.items() if len(v.get("bpb_seeds") or []) > 1]
+    table += ["", "The same rows seed by seed (only rows run on every seed; differences *within* "
+              "a seed are the comparison, the spread between seeds is the noise of the start):",
+              "", "| model | seed | " + " | ".join(f"int{r}" for r in widths) + " |",
+              "|---|---|" + "---|" * len(widths)]
+    for k in paired:
+      for i, s in enumerate(seeds):
+        b = rows[k]["bpb_seeds"][i]
+        table.append(f"| {k} | {s} | " + " | ".join(
+            f"{b[str(r)]:.4f}" if str(r) in b else "-" for r in widths) + " |")
   mix = d.get("mix_n_match")
   mix_line = (f"Mix'n'Match of the jointly trained model (seed 0; layers 0-1 int8; layers 2-3 "
               f"attention int4, MLP int2): bpb {mix['bpb']:.4f} at {mix['quantized_bpw']:.2f} "
