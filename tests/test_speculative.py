@@ -81,3 +81,31 @@ def test_benchmark_times_greedy_and_speculative_interleaved(monkeypatch):
   assert calls[2:] == ["g", "s"] * 2 * 3
   assert rep.identical and len(rep.per_prompt_speedup) == 2
   assert rep.tokens == 16 and 1.0 <= rep.tokens_per_forward <= 2.0
+
+
+@pytest.mark.parametrize("n_future", [2, 4])
+def test_drafts_and_acceptances_match_a_full_forward_simulation(n_future):
+  """Independent check of what the drafts are: replay self-speculation in Python on the greedy
+  sequence, with every head's argmax taken from one uncached full forward (head i at position t
+  predicts token t + 1 + i), and compare forwards and per-head acceptance counts."""
+  model, params = _mtl(n_future)
+  N, P = 24, 6
+  prompt = jax.random.randint(jax.random.key(5), (1, P), 0, 256)
+  greedy = speculative.greedy_decode(model, params, prompt, max_new_tokens=N + n_future)
+  seq = jnp.concatenate([prompt[0], greedy])
+  logits_NBLV, _ = model.apply({"params": params}, seq[None])
+  heads = np.asarray(jnp.argmax(logits_NBLV[:, 0], axis=-1))  # [n, L]: head i at position t
+  seq = np.asarray(seq)
+  emitted, forwards, accepted = 0, 0, np.zeros(n_future - 1, int)
+  p = P  # position of the block's certain token (greedy's token after the prompt)
+  while emitted < N:
+    drafts = [heads[i, p - 1] for i in range(1, n_future)]  # head i at p - 1 -> token p + i
+    run = np.cumprod([d == seq[p + i] for i, d in enumerate(drafts, 1)])
+    accepted += run
+    m = 1 + int(run.sum())
+    forwards, emitted, p = forwards + 1, emitted + m, p + m
+  tokens, f, acc = speculative.speculative_decode_stats(model, params, prompt, max_new_tokens=N)
+  np.testing.assert_array_equal(tokens, greedy[:N])
+  assert int(f) == forwards
+  np.testing.assert_array_equal(np.asarray(acc), accepted)
+  assert accepted[0] > 0  # the check means something: some drafts were accepted
