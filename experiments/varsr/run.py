@@ -20,6 +20,8 @@ eval    every held-out photo, degraded `--seeds` times with fixed seeds (varsr_x
         ceiling with a perfect refiner); VARSR tiled over the image with the refiner on / off and
         image CFG off (conditional sampling) / 2 / 6; the two ablations. PSNR / SSIM on Y
         (border 4) and NIQE. Comparison panels (256-pixel crops) go to --img.
+ceiling the tokenizer's ceilings (PSNR of the VQ-VAE's reconstruction of the held-out HR photos)
+        against VQ-VAE training length: the `train` run and longer ones (--ceiling-steps).
 timing  one jitted generation (KV cache; refiner on and off; no CFG) against one jitted
         teacher-forced forward of the same sequence, same batch, same process, best of 10; for the
         trained models, then for random-init models with 4 to 8 scales (final grid 8 x 8) and
@@ -29,6 +31,7 @@ timing  one jitted generation (KV cache; refiner on and off; no CFG) against one
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
@@ -114,11 +117,13 @@ def heldout_pairs(seeds: int):
 def _vq_reconstructions(model: sr.SRModel, hr: np.ndarray) -> dict[str, np.ndarray]:
   """The VQ-VAE's reconstruction of the HR image through its tokens, and its decoder on the
   unquantised latents, both tiled like the SR model (scale 1)."""
-  vq, p = model.vqvae, model.vq_params
+  return _vq_ceilings(model.vqvae, model.vq_params, model.config.image_size, hr)
+
+
+def _vq_ceilings(vq, p, S: int, hr: np.ndarray) -> dict[str, np.ndarray]:
   apply = lambda *a, **k: vq.apply({"params": p}, *a, **k)  # noqa: E731
   fns = {"tokens": jax.jit(lambda x: apply(apply(x, method="img_to_idx"), method="idx_to_img")),
          "latents": jax.jit(lambda x: apply(apply(x, method="features"), method="decode_fhat"))}
-  S = model.config.image_size
   out = {}
   for key, rec in fns.items():
     def fn(tiles, rec=rec):
@@ -182,6 +187,41 @@ def cmd_eval(args) -> None:
   print("| variant | PSNR (Y) | SSIM (Y) | NIQE |\n|---|---|---|---|")
   for k, v in table.items():
     print(f"| {k} | {v['psnr']:.2f} | {v['ssim']:.4f} | {v['niqe']:.2f} |")
+
+
+# --------------------------------------------------------------------------------------- ceiling
+
+
+def cmd_ceiling(args) -> None:
+  """The tokenizer's ceiling against its training length: the VQ-VAE of `train` (700 steps by
+  default) and longer runs of the same configuration (`--ceiling-steps`, each its own run under
+  <out>/vq_<steps>), each scored on the held-out HR photos through its tokens and through its
+  decoder on unquantised latents (the two ceilings of the eval table)."""
+  out = Path(args.out)
+  base = run_configs(args)["vq"]
+  pairs = heldout_pairs(args.seeds)
+  bicubic = [sr_metrics(sr.bicubic_upscale(lr, SCALE), hr, SCALE)["psnr"] for _, hr, lr in pairs]
+  result = {"bicubic_psnr": statistics.mean(bicubic), "runs": {}}
+  for steps in sorted({args.vq_steps, *args.ceiling_steps}):
+    cfg = base if steps == args.vq_steps else dataclasses.replace(
+        base, steps=steps, workdir=str(out / f"vq_{steps}"))
+    if not (Path(cfg.workdir) / "checkpoints").is_dir():
+      t = time.perf_counter()
+      last = sr.train(cfg)["metrics"]
+      print(f"vq {steps} steps: {(time.perf_counter() - t) / 60:.1f} min; last {last}")
+    vq, p = sr.load_vqvae(cfg.workdir)
+    rows = {"tokens": [], "latents": []}
+    for name, hr, _ in pairs:
+      if not name.endswith("/0"):
+        continue  # the ceilings do not depend on the degradation seed
+      rec = _vq_ceilings(vq, p, vq.config.image_size, hr)
+      for k in rows:
+        rows[k].append(sr_metrics(rec[k], hr, SCALE)["psnr"])
+    result["runs"][steps] = {k: statistics.mean(v) for k, v in rows.items()}
+    print(f"vq {steps} steps: ceiling PSNR through tokens {result['runs'][steps]['tokens']:.2f}, "
+          f"unquantised latents {result['runs'][steps]['latents']:.2f} "
+          f"(bicubic of the degraded LR {result['bicubic_psnr']:.2f})", flush=True)
+    save_json(out, "ceiling", result)
 
 
 # ---------------------------------------------------------------------------------------- timing
@@ -288,7 +328,7 @@ def plot_timing(sweep: list[dict], path: Path) -> None:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("exp", choices=["all", "train", "eval", "timing"])
+  p.add_argument("exp", choices=["all", "train", "eval", "timing", "ceiling"])
   p.add_argument("--out", default="runs/varsr")
   p.add_argument("--img", default="docs/results/img")
   p.add_argument("--vq-steps", type=int, default=700)
@@ -299,11 +339,13 @@ def main(argv=None):
                  help="train: runs to leave out (eval needs them all)")
   p.add_argument("--seeds", type=int, default=2, help="eval: degradations per held-out photo")
   p.add_argument("--batch", type=int, default=8, help="timing: LR tiles per call")
+  p.add_argument("--ceiling-steps", type=int, nargs="*", default=[2100],
+                 help="ceiling: longer VQ-VAE runs to score beside the --vq-steps one")
   p.add_argument("--no-progress", action="store_true")
   args = p.parse_args(argv)
   t, c = time.perf_counter(), _cpu_seconds()
   for exp in (("train", "eval", "timing") if args.exp == "all" else (args.exp,)):
-    {"train": cmd_train, "eval": cmd_eval, "timing": cmd_timing}[exp](args)
+    {"train": cmd_train, "eval": cmd_eval, "timing": cmd_timing, "ceiling": cmd_ceiling}[exp](args)
   print(f"{args.exp}: {(time.perf_counter() - t) / 60:.1f} min wall, "
         f"{(_cpu_seconds() - c) / 60:.1f} CPU-min")
 
