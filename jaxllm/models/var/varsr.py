@@ -32,10 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.data.images import resize_matrix
 from jaxllm.infer.sampling import sample_token
 from jaxllm.models.var import refiner as refiner_lib
 from jaxllm.models.var.var import guidance
+from jaxllm.models.var.vqvae import resize as vqvae_resize
 from jaxllm.nn.adaln import AdaLNBeforeHead, AdaLNBlock
 from jaxllm.nn.attention import KVCache
 from jaxllm.nn.rope2d import sa_rope_angles, scale_positions
@@ -133,13 +133,9 @@ def preset(name: str, **overrides: Any) -> VARSRConfig:
 
 
 def resize_images(x_BHWC, size: int, mode: str = "bicubic"):
-  """Bicubic (or "area") resize of a batch to size x size, PyTorch semantics."""
-  H, W = x_BHWC.shape[1:3]
-  if (H, W) == (size, size):
-    return x_BHWC
-  mh = jnp.asarray(resize_matrix(size, H, mode))
-  mw = jnp.asarray(resize_matrix(size, W, mode))
-  return jnp.einsum("oh,bhwc,pw->bopc", mh, x_BHWC, mw)
+  """Bicubic (or "area") resize of a batch to size x size, PyTorch semantics (the VQ-VAE's
+  `resize`, bicubic by default)."""
+  return vqvae_resize(x_BHWC, size, mode)
 
 
 class LREncoder(nn.Module):
