@@ -65,6 +65,13 @@ def test_host_resize_matches_torch(mode):
   ref = F.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None], size=(17, 61),
                       mode=mode)[0].permute(1, 2, 0).numpy()
   np.testing.assert_allclose(ours, ref, atol=1e-5)
+  # the in-graph batched resize (VQ-VAE, VARSR, CNN skip) uses the same maps, up and down
+  batch = np.stack([img, img[::-1]])
+  for size in ((17, 61), (53, 80)):
+    ref = F.interpolate(torch.from_numpy(batch).permute(0, 3, 1, 2), size=size,
+                        mode=mode).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(np.asarray(images.resize_batch(batch, size, mode)), ref,
+                               atol=1e-5)
 
 
 def test_jpeg_quality_monotone():

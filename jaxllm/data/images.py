@@ -9,7 +9,9 @@ Anything else (2 channels, 5+ channels, float outside [0, 1], empty) raises a Va
 
 `resize_matrix` builds the [out, in] linear map of PyTorch's `F.interpolate` (modes "area",
 "bilinear", "bicubic" with a = -0.75, align_corners=False, no antialiasing) so host-side resizes
-match the GPU pipelines of Real-ESRGAN / BasicSR and the VQ-VAE's in-graph resizes exactly.
+match the GPU pipelines of Real-ESRGAN / BasicSR exactly. The same maps serve both resizes: `resize`
+(one image on the host, numpy) and `resize_batch` (a batch in the graph, jax; used by the VQ-VAE,
+VARSR and the CNN's bicubic skip).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import functools
 import os
 
+import jax.numpy as jnp
 import numpy as np
 
 # scikit-image's bundled RGB photographs (no download). The held-out ones are never trained on.
@@ -127,6 +130,17 @@ def resize(img: np.ndarray, size: tuple[int, int], mode: str = "bicubic") -> np.
     return img.astype(np.float32, copy=False)
   mh, mw = resize_matrix(h, img.shape[0], mode), resize_matrix(w, img.shape[1], mode)
   return np.einsum("oh,hwc,pw->opc", mh, img.astype(np.float32), mw, optimize=True)
+
+
+def resize_batch(x_BHWC, size: tuple[int, int], mode: str = "bicubic"):
+  """[B, H, W, C] -> [B, h, w, C] in the graph (jnp), the same linear maps as `resize`: two
+  small matmuls, so it differentiates and shards like any einsum."""
+  h, w = size
+  H, W = x_BHWC.shape[1:3]
+  if (H, W) == (h, w):
+    return x_BHWC
+  mh, mw = jnp.asarray(resize_matrix(h, H, mode)), jnp.asarray(resize_matrix(w, W, mode))
+  return jnp.einsum("oh,bhwc,pw->bopc", mh, x_BHWC, mw)
 
 
 def crop_to_multiple(img: np.ndarray, multiple: int) -> np.ndarray:

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from jaxllm.data.images import resize_matrix
+from jaxllm.data.images import resize_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +68,7 @@ def pixel_shuffle(x_BHWC: Float[Array, "B H W C"], r: int) -> Float[Array, "B Hr
 def bicubic_upsample(x_BHWC: Float[Array, "B H W C"], scale: int) -> Float[Array, "B Hs Ws C"]:
   """x`scale` bicubic upsampling, PyTorch `F.interpolate` semantics, any H x W."""
   H, W = x_BHWC.shape[1:3]
-  mh = jnp.asarray(resize_matrix(H * scale, H, "bicubic"))
-  mw = jnp.asarray(resize_matrix(W * scale, W, "bicubic"))
-  return jnp.einsum("oh,bhwc,pw->bopc", mh, x_BHWC, mw)
+  return resize_batch(x_BHWC, (H * scale, W * scale), "bicubic")
 
 
 def _conv(features: int, name: str, zero: bool = False) -> nn.Conv:

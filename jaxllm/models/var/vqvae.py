@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from jaxllm.data.images import resize_matrix
+from jaxllm.data.images import resize_batch
 
 # ---------------------------------------------------------------------------------------- config
 
@@ -118,11 +118,7 @@ def preset(name: str, **overrides: Any) -> VQVAEConfig:
 
 def resize(x_BhwC: Float[Array, "B h w C"], size: int, mode: str) -> Float[Array, "B s s C"]:
   """Area or bicubic resize of a square-or-not NHWC map to `size` x `size`."""
-  h, w = x_BhwC.shape[1:3]
-  if (h, w) == (size, size):
-    return x_BhwC
-  mh, mw = jnp.asarray(resize_matrix(size, h, mode)), jnp.asarray(resize_matrix(size, w, mode))
-  return jnp.einsum("oh,bhwc,pw->bopc", mh, x_BhwC, mw)
+  return resize_batch(x_BhwC, (size, size), mode)
 
 
 # ------------------------------------------------------------------------------------- quantizer
