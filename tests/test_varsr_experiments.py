@@ -24,15 +24,16 @@ def _tiny_model(conditioning: str, blind: bool) -> sr.SRModel:
   vq_cfg = vqvae_lib.tiny()
   vq = vqvae_lib.VQVAE(vq_cfg)
   S = vq_cfg.image_size
-  vq_params = vq.init(jax.random.key(0), jnp.zeros((1, S, S, 3)))["params"]
+  vq_params = jax.jit(vq.init)(jax.random.key(0), jnp.zeros((1, S, S, 3)))["params"]
   # AdaLN gates at 1 instead of VAR's 1e-5 and a head of std 1 instead of 4e-4: at VAR's init
   # the attention branch (the prefix's only way to the tokens) is scaled by 1e-5 and the logits
   # are near zero, so the LR moves the cross-entropy below float32 resolution
   c = sr.varsr_config_for(vq_cfg, 4, "tiny", conditioning=conditioning, init_adaln_gamma=1.0,
                           init_head=50.0)
   model = varsr_lib.VARSR(c)
-  params = model.init(jax.random.key(1), jnp.zeros((1, S // 4, S // 4, 3)),
-                      jnp.zeros((1,), jnp.int32), jnp.zeros((1, c.seq_len - 1, c.c_vae)))["params"]
+  params = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, S // 4, S // 4, 3)),
+                               jnp.zeros((1,), jnp.int32),
+                               jnp.zeros((1, c.seq_len - 1, c.c_vae)))["params"]
   if blind:  # the LR encoder's last conv outputs zeros: the LR cannot reach the tokens
     params = {**params, "lr_encoder": {**params["lr_encoder"], "conv_out": jax.tree.map(
         jnp.zeros_like, params["lr_encoder"]["conv_out"])}}

@@ -22,6 +22,12 @@ eval    every held-out photo, degraded `--seeds` times with fixed seeds (varsr_x
         (border 4) and NIQE. Comparison panels (256-pixel crops) go to --img.
 ceiling the tokenizer's ceilings (PSNR of the VQ-VAE's reconstruction of the held-out HR photos)
         against VQ-VAE training length: the `train` run and longer ones (--ceiling-steps).
+lr-use  does a trained model read its LR? Teacher-forced token accuracy and cross-entropy per
+        scale on held-out crops with each crop's own LR against the LR of another crop (rolled
+        across the batch); for the `train` runs and any --runs.
+transfer the prefix VARSR and the additive ablation trained (--sr-steps) on a longer-trained
+        tokenizer (--vq-run, e.g. the 4200-step run of `ceiling`), scored like `eval` (bicubic,
+        the tokenizer's ceilings, refiner on / off) and by `lr-use`.
 timing  one jitted generation (KV cache; refiner on and off; no CFG) against one jitted
         teacher-forced forward of the same sequence, same batch, same process, best of 10; for the
         trained models, then for random-init models with 4 to 8 scales (final grid 8 x 8) and
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import resource
 import statistics
@@ -138,6 +145,13 @@ MAIN = "VARSR (refiner, CFG off)"
 PANEL = 256  # HR side of the comparison panels' crop
 
 
+def _panel_crop(hr: np.ndarray):
+  """`crop(a, s=1)`: the PANEL-pixel centre crop of the HR image, on an image `s` times smaller."""
+  H, W = hr.shape[:2]
+  y, x = (H - PANEL) // 2 // SCALE * SCALE, (W - PANEL) // 2 // SCALE * SCALE
+  return lambda a, s=1: a[y // s:(y + PANEL) // s, x // s:(x + PANEL) // s]
+
+
 def cmd_eval(args) -> None:
   out = Path(args.out)
   main = sr.load_sr(out / "sr")
@@ -169,9 +183,7 @@ def cmd_eval(args) -> None:
       seconds[vname] = seconds.get(vname, 0.0) + time.perf_counter() - t
       rows[vname].append(sr_metrics(outs[vname], hr, SCALE, True))
     if name.endswith("/0"):  # a centre crop: LR | bicubic | CNN | VARSR | HR
-      H, W = hr.shape[:2]
-      y, x = (H - PANEL) // 2 // SCALE * SCALE, (W - PANEL) // 2 // SCALE * SCALE
-      crop = lambda a, s=1: a[y // s:(y + PANEL) // s, x // s:(x + PANEL) // s]  # noqa: E731
+      crop = _panel_crop(hr)
       panel = sr.comparison_image(
           crop(lr, SCALE), {"CNN": crop(outs["CNN baseline (L1, same steps and FLOPs)"]),
                             "VARSR": crop(outs[MAIN])}, SCALE, crop(hr))
@@ -222,6 +234,155 @@ def cmd_ceiling(args) -> None:
           f"unquantised latents {result['runs'][steps]['latents']:.2f} "
           f"(bicubic of the degraded LR {result['bicubic_psnr']:.2f})", flush=True)
     save_json(out, "ceiling", result)
+
+
+# ---------------------------------------------------------------------------------------- lr-use
+
+
+def lr_dependence(m: sr.SRModel, n: int = 48, seed: int = 123) -> list[dict]:
+  """Per scale: teacher-forced token accuracy and CE on `n` held-out crops (HR tokenised by the
+  model's VQ-VAE) with each crop's own LR ("true") and with the LR of the next crop ("rolled").
+  A model that ignores its LR scores the same on both."""
+  c = m.config
+  photos = [images.skimage_photo(name) for name in images.HELD_OUT_PHOTOS]
+  ds = images.sr_dataset(photos, c.image_size, deg.varsr_x4(scale=SCALE), seed)
+  batch = {k: np.stack([ds[i][k] for i in range(n)]) for k in ("hr", "lr")}
+
+  @jax.jit
+  def scores(params, vq_params, lr, hr):  # -> per-token (hit, CE) [n, L]
+    vq = functools.partial(m.vqvae.apply, {"params": vq_params})
+    idx, _, _ = vq(hr, method="img_to_pyramid")
+    target = jnp.concatenate(idx, 1)
+    logits, _ = m.model.apply({"params": params}, lr, jnp.zeros((n,), jnp.int32),
+                              vq(idx, method="idx_to_var_input"))
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    return (jnp.argmax(logits, -1) == target,
+            -jnp.take_along_axis(logp, target[..., None], -1)[..., 0])
+
+  stats = {}
+  for key, lr in (("true", batch["lr"]), ("rolled", np.roll(batch["lr"], 1, axis=0))):
+    hit, ce = scores(m.params, m.vq_params, jnp.asarray(lr), jnp.asarray(batch["hr"]))
+    stats[key] = [(float(hit[:, lo:hi].mean()), float(ce[:, lo:hi].mean()))
+                  for lo, hi in c.begin_ends()]
+  return [{"scale": pn, "acc_true": t[0], "acc_rolled": r[0], "ce_true": t[1],
+           "ce_rolled": r[1]} for pn, t, r in zip(c.patch_nums, stats["true"], stats["rolled"])]
+
+
+def _print_lr_use(name: str, rows: list[dict]) -> None:
+  print(f"{name}: scale | accuracy own LR / other LR | CE own LR / other LR")
+  for r in rows:
+    print(f"  {r['scale']:2d} | {r['acc_true']:.3f} / {r['acc_rolled']:.3f} | "
+          f"{r['ce_true']:.3f} / {r['ce_rolled']:.3f}")
+
+
+def cmd_lr_use(args) -> None:
+  out = Path(args.out)
+  runs = {name: out / name for name in ("sr", "sr_learned", "sr_additive")}
+  runs.update({str(r): Path(r) for r in args.runs})
+  result = {}
+  for name, path in runs.items():
+    result[name] = lr_dependence(sr.load_sr(path))
+    _print_lr_use(name, result[name])
+  save_json(out, "lr_use", result)
+
+
+# -------------------------------------------------------------------------------------- transfer
+
+
+def cmd_transfer(args) -> None:
+  """Prefix VARSR and the additive ablation on the tokenizer run `--vq-run`, `--sr-steps` each,
+  scored on the held-out photos (and by `lr-use`); -> <out>/transfer_<vq run>_<steps>.json, a
+  panel per held-out photo and the PSNR-against-steps plot of all transfer runs on the tokenizer.
+  Trained runs are reused, so a rerun only re-scores."""
+  out, vq_run = Path(args.out), Path(args.vq_run)
+  if not (vq_run / "checkpoints").is_dir():
+    raise SystemExit(f"--vq-run {vq_run} has no checkpoints: train it first (e.g. `run.py "
+                     f"ceiling --ceiling-steps 4200` makes {out / 'vq_4200'}).")
+  if "sr" in args.skip:
+    raise SystemExit("transfer scores the prefix model: do not --skip sr.")
+  tag = f"on_{vq_run.name}_{args.sr_steps}"
+  base = run_configs(args)
+  previous = out / f"transfer_{vq_run.name}_{args.sr_steps}.json"
+  result = {"vq_run": str(vq_run), "sr_steps": args.sr_steps,  # training records kept on reruns
+            "train": json.loads(previous.read_text())["train"] if previous.is_file() else {}}
+  models = {}
+  for name in [n for n in ("sr", "sr_additive") if n not in args.skip]:
+    cfg = dataclasses.replace(base[name], vqvae_dir=str(vq_run),
+                              workdir=str(out / tag / name))
+    if name not in result["train"]:  # not trained to the end yet (`sr.train` resumes)
+      t = time.perf_counter()
+      last = sr.train(cfg)["metrics"]
+      result["train"][name] = {"wall_s": time.perf_counter() - t, "final": last}
+      print(f"{tag}/{name}: {cfg.steps} steps in {(time.perf_counter() - t) / 60:.1f} min; "
+            f"last {last}", flush=True)
+      save_json(out, previous.stem, result)  # a rerun after an interruption keeps this model
+    models[name] = sr.load_sr(cfg.workdir)
+  variants = {MAIN: (models["sr"], dict()),
+              "VARSR (no refiner, CFG off)": (models["sr"], dict(refine=False))}
+  if "sr_additive" in models:
+    variants["ablation: additive LR conditioning (refiner, CFG off)"] = (models["sr_additive"],
+                                                                         dict())
+  rows: dict[str, list[dict]] = {"bicubic": [], VQ_TOKENS: [], VQ_LATENTS: []}
+  rows.update({k: [] for k in variants})
+  Path(args.img).mkdir(parents=True, exist_ok=True)
+  for name, hr, lr in tqdm(heldout_pairs(args.seeds), desc="held-out images",
+                           disable=args.no_progress):
+    rows["bicubic"].append(sr_metrics(sr.bicubic_upscale(lr, SCALE), hr, SCALE, True))
+    rec = _vq_reconstructions(models["sr"], hr)
+    rows[VQ_TOKENS].append(sr_metrics(rec["tokens"], hr, SCALE, True))
+    rows[VQ_LATENTS].append(sr_metrics(rec["latents"], hr, SCALE, True))
+    outs = {}
+    for vname, (model, opts) in variants.items():
+      outs[vname] = sr.upscale_image(model, lr, SCALE, batch=16, **opts)
+      rows[vname].append(sr_metrics(outs[vname], hr, SCALE, True))
+    if name.endswith("/0"):  # LR | bicubic | VARSR | HR, as on the eval panels
+      crop = _panel_crop(hr)
+      panel = sr.comparison_image(crop(lr, SCALE), {"VARSR": crop(outs[MAIN])}, SCALE, crop(hr))
+      images.save_image(Path(args.img) / f"varsr_{tag}_{name.split('/')[0]}.png",
+                        panel.astype(np.float32) / 255.0)
+  result["mean"] = {k: {m: statistics.mean(r[m] for r in v) for m in ("psnr", "ssim", "niqe")}
+                    for k, v in rows.items()}
+  result["per_image"] = rows
+  result["lr_use"] = {name: lr_dependence(m) for name, m in models.items()}
+  save_json(out, f"transfer_{vq_run.name}_{args.sr_steps}", result)
+  print("| variant | PSNR (Y) | SSIM (Y) | NIQE |\n|---|---|---|---|")
+  for k, v in result["mean"].items():
+    print(f"| {k} | {v['psnr']:.2f} | {v['ssim']:.4f} | {v['niqe']:.2f} |")
+  for name, r in result["lr_use"].items():
+    _print_lr_use(name, r)
+  plot_transfer(out, vq_run.name, Path(args.img) / f"varsr_transfer_{vq_run.name}.png")
+
+
+def plot_transfer(out: Path, vq_name: str, path: Path) -> None:
+  """Held-out PSNR against SR training steps for every `transfer` run on one tokenizer, with
+  bicubic and the tokenizer's two ceilings as horizontal lines."""
+  runs = []
+  for f in out.glob(f"transfer_{vq_name}_*.json"):
+    r = json.loads(f.read_text())
+    runs.append((r["sr_steps"], r["mean"]))
+  if not runs:
+    return
+  runs.sort(key=lambda t: t[0])
+  plt = pyplot()
+  fig, ax = plt.subplots(figsize=(6, 3.8))
+  for key, label, style in ((MAIN, "VARSR, LR prefix", "o-"),
+                            ("ablation: additive LR conditioning (refiner, CFG off)",
+                             "additive LR conditioning", "s--")):
+    pts = [(s, m[key]["psnr"]) for s, m in runs if key in m]
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+  last = runs[-1][1]
+  for key, label, color in (("bicubic", "bicubic of the degraded LR", "red"),
+                            (VQ_TOKENS, "tokenizer ceiling (perfect tokens)", "gray"),
+                            (VQ_LATENTS, "perfect tokens and refiner", "black")):
+    ax.axhline(last[key]["psnr"], ls=":", color=color, label=label)
+  ax.set_xlabel("SR-stage training steps (batch 8)")
+  ax.set_ylabel("held-out PSNR (Y), dB")
+  ax.set_title(f"x4 on the held-out photos, tokenizer {vq_name}", fontsize=9)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------- timing
@@ -328,7 +489,8 @@ def plot_timing(sweep: list[dict], path: Path) -> None:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("exp", choices=["all", "train", "eval", "timing", "ceiling"])
+  p.add_argument("exp", choices=["all", "train", "eval", "timing", "ceiling", "lr-use",
+                                  "transfer"])
   p.add_argument("--out", default="runs/varsr")
   p.add_argument("--img", default="docs/results/img")
   p.add_argument("--vq-steps", type=int, default=700)
@@ -336,16 +498,21 @@ def main(argv=None):
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--skip", nargs="*", default=[], choices=["vq", *SR_RUNS],
-                 help="train: runs to leave out (eval needs them all)")
+                 help="train: runs to leave out (eval needs them all); transfer: sr_additive")
   p.add_argument("--seeds", type=int, default=2, help="eval: degradations per held-out photo")
   p.add_argument("--batch", type=int, default=8, help="timing: LR tiles per call")
   p.add_argument("--ceiling-steps", type=int, nargs="*", default=[2100],
                  help="ceiling: longer VQ-VAE runs to score beside the --vq-steps one")
+  p.add_argument("--runs", nargs="*", default=[],
+                 help="lr-use: more SR run directories to probe beside the `train` ones")
+  p.add_argument("--vq-run", default="runs/varsr/vq_4200",
+                 help="transfer: the tokenizer run to train the SR models on")
   p.add_argument("--no-progress", action="store_true")
   args = p.parse_args(argv)
   t, c = time.perf_counter(), _cpu_seconds()
   for exp in (("train", "eval", "timing") if args.exp == "all" else (args.exp,)):
-    {"train": cmd_train, "eval": cmd_eval, "timing": cmd_timing, "ceiling": cmd_ceiling}[exp](args)
+    {"train": cmd_train, "eval": cmd_eval, "timing": cmd_timing, "ceiling": cmd_ceiling,
+     "lr-use": cmd_lr_use, "transfer": cmd_transfer}[exp](args)
   print(f"{args.exp}: {(time.perf_counter() - t) / 60:.1f} min wall, "
         f"{(_cpu_seconds() - c) / 60:.1f} CPU-min")
 
