@@ -27,7 +27,7 @@ lr-use  does a trained model read its LR? Teacher-forced token accuracy and cros
         across the batch); for the `train` runs and any --runs.
 transfer the prefix VARSR and the additive ablation trained (--sr-steps) on a longer-trained
         tokenizer (--vq-run, e.g. the 4200-step run of `ceiling`), scored like `eval` (bicubic,
-        the tokenizer's ceilings, refiner on / off) and by `lr-use`.
+        the tokenizer's ceilings, refiner on / off, image CFG off / 2 / 6) and by `lr-use`.
 timing  one jitted generation (KV cache; refiner on and off; no CFG) against one jitted
         teacher-forced forward of the same sequence, same batch, same process, best of 10; for the
         trained models, then for random-init models with 4 to 8 scales (final grid 8 x 8) and
@@ -318,7 +318,9 @@ def cmd_transfer(args) -> None:
       save_json(out, previous.stem, result)  # a rerun after an interruption keeps this model
     models[name] = sr.load_sr(cfg.workdir)
   variants = {MAIN: (models["sr"], dict()),
-              "VARSR (no refiner, CFG off)": (models["sr"], dict(refine=False))}
+              "VARSR (no refiner, CFG off)": (models["sr"], dict(refine=False)),
+              "VARSR (refiner, CFG 2)": (models["sr"], dict(cfg=2.0)),
+              "VARSR (refiner, CFG 6)": (models["sr"], dict(cfg=6.0))}
   if "sr_additive" in models:
     variants["ablation: additive LR conditioning (refiner, CFG off)"] = (models["sr_additive"],
                                                                          dict())
