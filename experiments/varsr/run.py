@@ -145,11 +145,44 @@ MAIN = "VARSR (refiner, CFG off)"
 PANEL = 256  # HR side of the comparison panels' crop
 
 
-def _panel_crop(hr: np.ndarray):
-  """`crop(a, s=1)`: the PANEL-pixel centre crop of the HR image, on an image `s` times smaller."""
-  H, W = hr.shape[:2]
-  y, x = (H - PANEL) // 2 // SCALE * SCALE, (W - PANEL) // 2 // SCALE * SCALE
-  return lambda a, s=1: a[y // s:(y + PANEL) // s, x // s:(x + PANEL) // s]
+def score_heldout(variants: dict, ceiling_model: sr.SRModel, args, panel: dict[str, str],
+                  prefix: str) -> dict:
+  """Scores bicubic, `ceiling_model`'s tokenizer ceilings and every variant (name -> (model,
+  `upscale_image` options)) on the held-out pairs; saves one centre-crop panel per photo (LR |
+  bicubic | the `panel` variants, by label | HR) as <img>/<prefix>_<photo>.png; prints the table.
+  -> {"images", "per_image", "mean", "upscale_seconds_total"}."""
+  rows: dict[str, list[dict]] = {"bicubic": [], VQ_TOKENS: [], VQ_LATENTS: []}
+  rows.update({k: [] for k in variants})
+  seconds: dict[str, float] = {}
+  pairs = heldout_pairs(args.seeds)
+  Path(args.img).mkdir(parents=True, exist_ok=True)
+  for name, hr, lr in tqdm(pairs, desc="held-out images", disable=args.no_progress):
+    rows["bicubic"].append(sr_metrics(sr.bicubic_upscale(lr, SCALE), hr, SCALE, True))
+    rec = _vq_reconstructions(ceiling_model, hr)
+    rows[VQ_TOKENS].append(sr_metrics(rec["tokens"], hr, SCALE, True))
+    rows[VQ_LATENTS].append(sr_metrics(rec["latents"], hr, SCALE, True))
+    outs = {}
+    for vname, (model, opts) in variants.items():
+      t = time.perf_counter()
+      outs[vname] = sr.upscale_image(model, lr, SCALE, batch=16, **opts)
+      seconds[vname] = seconds.get(vname, 0.0) + time.perf_counter() - t
+      rows[vname].append(sr_metrics(outs[vname], hr, SCALE, True))
+    if name.endswith("/0"):  # one panel per photo, from its first degradation
+      H, W = hr.shape[:2]
+      y, x = (H - PANEL) // 2 // SCALE * SCALE, (W - PANEL) // 2 // SCALE * SCALE
+      crop = lambda a, s=1: a[y // s:(y + PANEL) // s, x // s:(x + PANEL) // s]  # noqa: E731
+      image = sr.comparison_image(crop(lr, SCALE), {label: crop(outs[v])
+                                                    for label, v in panel.items()},
+                                  SCALE, crop(hr))
+      images.save_image(Path(args.img) / f"{prefix}_{name.split('/')[0]}.png",
+                        image.astype(np.float32) / 255.0)
+  table = {k: {m: statistics.mean(r[m] for r in v) for m in ("psnr", "ssim", "niqe")}
+           for k, v in rows.items()}
+  print("| variant | PSNR (Y) | SSIM (Y) | NIQE |\n|---|---|---|---|")
+  for k, v in table.items():
+    print(f"| {k} | {v['psnr']:.2f} | {v['ssim']:.4f} | {v['niqe']:.2f} |")
+  return {"images": [p[0] for p in pairs], "per_image": rows, "mean": table,
+          "upscale_seconds_total": seconds}
 
 
 def cmd_eval(args) -> None:
@@ -166,39 +199,11 @@ def cmd_eval(args) -> None:
       "ablation: additive LR conditioning (refiner, CFG off)": (
           sr.load_sr(out / "sr_additive"), dict()),
   }
-  rows: dict[str, list[dict]] = {"bicubic": [], VQ_TOKENS: [], VQ_LATENTS: []}
-  rows.update({k: [] for k in variants})
-  seconds: dict[str, float] = {}
-  pairs = heldout_pairs(args.seeds)
-  Path(args.img).mkdir(parents=True, exist_ok=True)
-  for name, hr, lr in tqdm(pairs, desc="held-out images", disable=args.no_progress):
-    rows["bicubic"].append(sr_metrics(sr.bicubic_upscale(lr, SCALE), hr, SCALE, True))
-    rec = _vq_reconstructions(main, hr)
-    rows[VQ_TOKENS].append(sr_metrics(rec["tokens"], hr, SCALE, True))
-    rows[VQ_LATENTS].append(sr_metrics(rec["latents"], hr, SCALE, True))
-    outs = {}
-    for vname, (model, opts) in variants.items():
-      t = time.perf_counter()
-      outs[vname] = sr.upscale_image(model, lr, SCALE, batch=16, **opts)
-      seconds[vname] = seconds.get(vname, 0.0) + time.perf_counter() - t
-      rows[vname].append(sr_metrics(outs[vname], hr, SCALE, True))
-    if name.endswith("/0"):  # a centre crop: LR | bicubic | CNN | VARSR | HR
-      crop = _panel_crop(hr)
-      panel = sr.comparison_image(
-          crop(lr, SCALE), {"CNN": crop(outs["CNN baseline (L1, same steps and FLOPs)"]),
-                            "VARSR": crop(outs[MAIN])}, SCALE, crop(hr))
-      images.save_image(Path(args.img) / f"varsr_{name.split('/')[0]}.png",
-                        panel.astype(np.float32) / 255.0)
-  table = {k: {m: statistics.mean(r[m] for r in v) for m in ("psnr", "ssim", "niqe")}
-           for k, v in rows.items()}
-  result = {"images": [p[0] for p in pairs], "per_image": rows, "mean": table,
-            "upscale_seconds_total": seconds,
-            "train": {k: json.loads((out / k / "config.json").read_text())["train"]
-                      for k in ("vq", *SR_RUNS)}}
+  result = score_heldout(variants, main, args, prefix="varsr", panel={
+      "CNN": "CNN baseline (L1, same steps and FLOPs)", "VARSR": MAIN})
+  result["train"] = {k: json.loads((out / k / "config.json").read_text())["train"]
+                     for k in ("vq", *SR_RUNS)}
   save_json(out, "eval", result)
-  print("| variant | PSNR (Y) | SSIM (Y) | NIQE |\n|---|---|---|---|")
-  for k, v in table.items():
-    print(f"| {k} | {v['psnr']:.2f} | {v['ssim']:.4f} | {v['niqe']:.2f} |")
 
 
 # --------------------------------------------------------------------------------------- ceiling
@@ -324,32 +329,10 @@ def cmd_transfer(args) -> None:
   if "sr_additive" in models:
     variants["ablation: additive LR conditioning (refiner, CFG off)"] = (models["sr_additive"],
                                                                          dict())
-  rows: dict[str, list[dict]] = {"bicubic": [], VQ_TOKENS: [], VQ_LATENTS: []}
-  rows.update({k: [] for k in variants})
-  Path(args.img).mkdir(parents=True, exist_ok=True)
-  for name, hr, lr in tqdm(heldout_pairs(args.seeds), desc="held-out images",
-                           disable=args.no_progress):
-    rows["bicubic"].append(sr_metrics(sr.bicubic_upscale(lr, SCALE), hr, SCALE, True))
-    rec = _vq_reconstructions(models["sr"], hr)
-    rows[VQ_TOKENS].append(sr_metrics(rec["tokens"], hr, SCALE, True))
-    rows[VQ_LATENTS].append(sr_metrics(rec["latents"], hr, SCALE, True))
-    outs = {}
-    for vname, (model, opts) in variants.items():
-      outs[vname] = sr.upscale_image(model, lr, SCALE, batch=16, **opts)
-      rows[vname].append(sr_metrics(outs[vname], hr, SCALE, True))
-    if name.endswith("/0"):  # LR | bicubic | VARSR | HR, as on the eval panels
-      crop = _panel_crop(hr)
-      panel = sr.comparison_image(crop(lr, SCALE), {"VARSR": crop(outs[MAIN])}, SCALE, crop(hr))
-      images.save_image(Path(args.img) / f"varsr_{tag}_{name.split('/')[0]}.png",
-                        panel.astype(np.float32) / 255.0)
-  result["mean"] = {k: {m: statistics.mean(r[m] for r in v) for m in ("psnr", "ssim", "niqe")}
-                    for k, v in rows.items()}
-  result["per_image"] = rows
+  result.update(score_heldout(variants, models["sr"], args, prefix=f"varsr_{tag}",
+                             panel={"VARSR": MAIN}))
   result["lr_use"] = {name: lr_dependence(m) for name, m in models.items()}
-  save_json(out, f"transfer_{vq_run.name}_{args.sr_steps}", result)
-  print("| variant | PSNR (Y) | SSIM (Y) | NIQE |\n|---|---|---|---|")
-  for k, v in result["mean"].items():
-    print(f"| {k} | {v['psnr']:.2f} | {v['ssim']:.4f} | {v['niqe']:.2f} |")
+  save_json(out, previous.stem, result)
   for name, r in result["lr_use"].items():
     _print_lr_use(name, r)
   plot_transfer(out, vq_run.name, Path(args.img) / f"varsr_transfer_{vq_run.name}.png")
