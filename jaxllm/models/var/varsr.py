@@ -132,12 +132,6 @@ def preset(name: str, **overrides: Any) -> VARSRConfig:
 # -------------------------------------------------------------------------------------- modules
 
 
-def resize_images(x_BHWC, size: int, mode: str = "bicubic"):
-  """Bicubic (or "area") resize of a batch to size x size, PyTorch semantics (the VQ-VAE's
-  `resize`, bicubic by default)."""
-  return vqvae_resize(x_BHWC, size, mode)
-
-
 class LREncoder(nn.Module):
   """conv3x3 3 -> c0, SiLU, stride-2 conv stages through `channels` and on to `width`, then a
   3x3 conv_out: [B, S, S, 3] -> [B, S / 2^n, S / 2^n, width]."""
@@ -204,7 +198,7 @@ class VARSR(nn.Module):
     """Additive conditioning of scales [s_lo, s_hi): the LR map area-pooled to each scale's
     pn x pn grid, flattened and concatenated like the sequence -> [B, l, D]."""
     B, D = lr_BPPD.shape[0], lr_BPPD.shape[-1]
-    return jnp.concatenate([resize_images(lr_BPPD, pn, "area").reshape(B, pn * pn, D)
+    return jnp.concatenate([vqvae_resize(lr_BPPD, pn, "area").reshape(B, pn * pn, D)
                             for pn in self.config.patch_nums[s_lo:s_hi]], axis=1)
 
   def _start(self, lr_BHW3, label_B):
@@ -212,7 +206,7 @@ class VARSR(nn.Module):
     + pos_start + level 0, the AdaLN condition, and the LR map [B, pn_K, pn_K, D]."""
     self._check_lr(lr_BHW3)
     c = self.config
-    lr_BPPD = self.lr_encoder(resize_images(lr_BHW3.astype(jnp.float32), c.image_size))
+    lr_BPPD = self.lr_encoder(vqvae_resize(lr_BHW3.astype(jnp.float32), c.image_size, "bicubic"))
     B = lr_BPPD.shape[0]
     cond_BD = self.class_emb(label_B)
     first_l = c.patch_nums[0] ** 2
@@ -418,7 +412,7 @@ def decode(vqvae, vq_params, f_hat, lr_BhW3=None, color_fix: bool = True):
   """f_hat -> image in [-1, 1]; with the LR given, AdaIN colour correction to it."""
   img = jnp.clip(vqvae.apply({"params": vq_params}, f_hat, method="decode_fhat"), -1, 1)
   if color_fix and lr_BhW3 is not None:
-    img = jnp.clip(adain_color_fix(img, resize_images(lr_BhW3, img.shape[1])), -1, 1)
+    img = jnp.clip(adain_color_fix(img, vqvae_resize(lr_BhW3, img.shape[1], "bicubic")), -1, 1)
   return img
 
 
