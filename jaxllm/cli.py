@@ -227,7 +227,7 @@ def cmd_sr_train(args) -> int:
 def cmd_sr_upscale(args) -> int:
   from jaxllm.data import images
   from jaxllm.train import sr
-  model = sr.load_sr(args.ckpt)
+  model = sr.load_sr(args.ckpt, decoder=args.decoder)
   if not Path(args.input).is_file():
     raise FileNotFoundError(f"input image {args.input} does not exist.")
   from PIL import Image
@@ -241,8 +241,9 @@ def cmd_sr_upscale(args) -> int:
         "CMYK", "YCbCr", "LAB", "HSV") else "channel replicated to RGB")
     print(f"jaxllm sr upscale: note: {args.input} is {mode}, not RGB: {how}.", file=sys.stderr)
   out = sr.upscale_image(model, lr, args.scale, seed=args.seed, cfg=args.cfg, top_k=args.top_k,
-                         top_p=args.top_p, refine=not args.no_refine,
-                         refiner_steps=args.refiner_steps)
+                         top_p=args.top_p, temperature=args.temperature,
+                         refine=not args.no_refine, refiner_steps=args.refiner_steps,
+                         self_ensemble=args.self_ensemble)
   images.save_image(args.output, out)
   out = images.to_uint8(out).astype("float32") / 255.0  # metrics describe the file as written
   result = {"output": str(args.output), "size": list(out.shape[:2])}
@@ -268,10 +269,11 @@ def _add_sr_parser(sub) -> None:
   s = sub.add_parser("sr", help="image super-resolution: train the VQ-VAE / VARSR / CNN, upscale")
   sr_sub = s.add_subparsers(dest="sr_command", required=True)
   t = sr_sub.add_parser("train", help="train (or resume) one stage: --stage vqvae, then sr; "
-                        "or the cnn baseline")
-  t.add_argument("--stage", required=True, choices=["vqvae", "sr", "cnn"])
+                        "the cnn baseline; or --stage decoder (tune a VQ-VAE's decoder only)")
+  t.add_argument("--stage", required=True, choices=["vqvae", "decoder", "sr", "cnn"])
   t.add_argument("--workdir", required=True, help="run directory (resumed if it exists)")
-  t.add_argument("--vqvae", default=None, metavar="DIR", help="sr stage: the VQ-VAE run")
+  t.add_argument("--vqvae", default=None, metavar="DIR",
+                 help="sr and decoder stages: the VQ-VAE run")
   t.add_argument("--vqvae-preset", default="small", help="tiny | small | var_f16 | varsr_f16")
   t.add_argument("--varsr-preset", default="small", help="VARSR size: tiny | small")
   t.add_argument("--cnn-preset", default="small", help="cnn stage: tiny | small")
@@ -309,7 +311,14 @@ def _add_sr_parser(sub) -> None:
                  help="image-based CFG scale (VARSR: 6); default: positive label only")
   u.add_argument("--top-k", type=int, default=1)
   u.add_argument("--top-p", type=float, default=0.75)
+  u.add_argument("--temperature", type=float, default=1.0,
+                 help="scales the refiner's sampling noise (0: its mean path, higher PSNR) and, "
+                 "with --top-k > 1, the token logits")
+  u.add_argument("--decoder", default=None, metavar="DIR",
+                 help="a `--stage decoder` run tuned from this checkpoint's VQ-VAE: decode with it")
   u.add_argument("--no-refine", action="store_true", help="skip the diffusion refiner")
+  u.add_argument("--self-ensemble", action="store_true",
+                 help="average over the 8 flips / rotations of the input (8x the time)")
   u.add_argument("--refiner-steps", type=int, default=None)
   u.add_argument("--seed", type=int, default=0)
   u.set_defaults(fn=cmd_sr_upscale)

@@ -153,3 +153,20 @@ def test_sr_dataset_is_deterministic_per_index_and_batches():
   with pytest.raises(ValueError, match="smaller than the crop"):
     images.sr_dataset([_photo(40)], crop=64)
   assert set(images.HELD_OUT_PHOTOS) <= set(images.SKIMAGE_PHOTOS)
+
+
+def test_self_ensemble_keeps_equivariant_maps_and_symmetrises_the_rest():
+  rng = np.random.default_rng(0)
+  img = rng.uniform(size=(5, 7, 3)).astype(np.float32)
+  up = lambda x: images.resize(x, (4 * x.shape[0], 4 * x.shape[1]), "bicubic")  # noqa: E731
+  # bicubic resizing (symmetric kernel, half-pixel centres) commutes with flips and transposes
+  np.testing.assert_allclose(images.self_ensemble(up, img), up(img), atol=1e-6)
+  # a fixed additive pattern g is averaged over the group: for a ramp along the rows, whose 8
+  # images are ramps along either axis in either direction, the mean is the image-constant
+  # mean of the ramp
+  ramp = np.linspace(0, 1, 20)[:, None, None] * np.ones((1, 20, 3))
+  square = rng.uniform(size=(5, 5, 3)).astype(np.float32)
+  fn = lambda x: up(x) + ramp  # noqa: E731
+  np.testing.assert_allclose(images.self_ensemble(fn, square), up(square) + 0.5, atol=1e-6)
+  # outputs keep the input's orientation for non-square images
+  assert images.self_ensemble(up, img).shape == (20, 28, 3)

@@ -12,6 +12,8 @@ grayscale / RGBA files (converted, with a note).
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from skimage.metrics import peak_signal_noise_ratio
@@ -115,11 +117,74 @@ def test_cnn_baseline_fits_crops_and_beats_bicubic(crops, cnn_run, capsys):
   assert cli.main(["sr", "upscale", str(crops["root"] / "lr0.png"), str(crops["root"] / "c.png"),
                    "--scale", "4", "--ckpt", str(cnn_run), "--cfg", "2"]) == 2
   assert "--cfg is for VARSR runs" in capsys.readouterr().err
+  # --self-ensemble: the mean over the 8 symmetries; a CNN trained on two crops is not
+  # equivariant, so it moves the output, but only a little (it is an average of near-copies)
+  assert cli.main(["sr", "upscale", str(crops["root"] / "lr0.png"), str(crops["root"] / "s.png"),
+                   "--scale", "4", "--ckpt", str(cnn_run), "--self-ensemble"]) == 0
+  plain, ens = (images.load_image(crops["root"] / f) for f in ("cnn0.png", "s.png"))
+  assert ens.shape == plain.shape and 0 < np.abs(ens - plain).mean() < 0.05
   # fully convolutional: an LR of any size, here 5 x 7, comes out 20 x 28
   images.save_image(crops["root"] / "odd.png", lr[:5, :7])
   assert cli.main(["sr", "upscale", str(crops["root"] / "odd.png"), str(crops["root"] / "o.png"),
                    "--scale", "4", "--ckpt", str(cnn_run)]) == 0
   assert images.load_image(crops["root"] / "o.png").shape == (20, 28, 3)
+
+
+def test_decoder_stage_keeps_the_tokens_and_decodes_for_the_sr_run(runs, capsys):
+  """`--stage decoder` tunes only the decoder (every other parameter bit-for-bit kept, so the
+  tokens are the sr run's), lowers the reconstruction error through the tokens, and
+  `upscale --decoder` decodes the sr run's predictions with it."""
+  from jaxllm.models.var import vqvae as vqm
+  from jaxllm.train import sr
+  dec = runs["root"] / "dec"
+  assert cli.main(["sr", "train", "--stage", "decoder", "--vqvae", str(runs["vq"]), "--workdir",
+                   str(dec), "--data", str(runs["data"]), "--steps", "100", "--batch-size", "4",
+                   "--lr", "1e-3", "--warmup-steps", "10", "--log-every", "50",
+                   "--no-progress"]) == 0
+  vq, orig = sr.load_vqvae(runs["vq"])
+  _, tuned = sr.load_vqvae(dec)
+  for k in orig:
+    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(orig[k]),
+                                                     jax.tree.leaves(tuned[k])))
+    assert same == (k not in vqm.DECODER_PARAMS), k
+  img = jnp.asarray(np.stack([images.load_image(runs["data"] / f"crop{i}.png")
+                              for i in (0, 1)]) * 2 - 1)
+  idx = {n: vq.apply({"params": p}, img, method="img_to_idx")
+         for n, p in (("orig", orig), ("tuned", tuned))}
+  for a, b in zip(idx["orig"], idx["tuned"]):
+    np.testing.assert_array_equal(a, b)
+  mse = {n: float(jnp.mean((vq.apply({"params": p}, idx[n], method="idx_to_img") - img) ** 2))
+         for n, p in (("orig", orig), ("tuned", tuned))}
+  assert mse["tuned"] < 0.9 * mse["orig"], mse
+  # the sr run with the tuned decoder: same transformer, decoder swapped
+  model = sr.load_sr(runs["sr"], decoder=dec)
+  assert model.run["decoder_dir"] == str(dec)
+  for k in orig:
+    src = tuned if k in vqm.DECODER_PARAMS else orig
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(model.vq_params[k]),
+                                                     jax.tree.leaves(src[k])))
+  _, lr = deg.degrade(images.load_image(runs["data"] / "crop0.png"), 100, deg.varsr_x4())
+  images.save_image(runs["root"] / "dlr.png", lr)  # on 8-bit levels: the round trip is exact
+  outs = [sr.upscale_image(m, lr, 4, temperature=0.0) for m in (sr.load_sr(runs["sr"]), model)]
+  assert np.abs(outs[0] - outs[1]).max() > 1e-3
+  capsys.readouterr()
+  assert cli.main(["sr", "upscale", str(runs["root"] / "dlr.png"), str(runs["root"] / "d.png"),
+                   "--scale", "4", "--ckpt", str(runs["sr"]), "--decoder", str(dec),
+                   "--temperature", "0"]) == 0
+  np.testing.assert_allclose(images.load_image(runs["root"] / "d.png"), outs[1], atol=1 / 255)
+  # a decoder tuned from another tokenizer (here: the encoder moved) would mis-decode: refused
+  moved = {**model.vq_params, "encoder": jax.tree.map(lambda x: x + 1e-3,
+                                                      model.vq_params["encoder"])}
+  with pytest.raises(ValueError, match="'encoder' parameters differ"):
+    sr._swap_decoder(moved, model.run, dec)
+  for argv, message in [
+      (["--decoder", str(runs["vq"])], "is a vqvae-stage run"),
+      (["--temperature", "-1"], "must be >= 0")]:
+    assert cli.main(["sr", "upscale", str(runs["root"] / "dlr.png"),
+                     str(runs["root"] / "e.png"), "--scale", "4", "--ckpt", str(runs["sr"]),
+                     *argv]) == 2
+    assert message in capsys.readouterr().err, argv
+  assert not (runs["root"] / "e.png").exists()
 
 
 def test_upscale_bad_input_gets_a_clear_error(runs, capsys, tmp_path):
@@ -133,7 +198,7 @@ def test_upscale_bad_input_gets_a_clear_error(runs, capsys, tmp_path):
       (["sr", "upscale", str(tmp_path / "tiny.png"), str(tmp_path / "out.png"), "--scale", "4",
         "--ckpt", str(runs["sr"])], "needs at least 4 pixels per side"),
       (up + ["--scale", "4", "--ckpt", str(tmp_path / "nope")], "No SR run at"),
-      (up + ["--scale", "4", "--ckpt", str(runs["vq"])], "VQ-VAE-stage run"),
+      (up + ["--scale", "4", "--ckpt", str(runs["vq"])], "is a vqvae-stage run"),
       (["sr", "upscale", str(tmp_path / "missing.png"), str(tmp_path / "out.png"), "--scale",
         "4", "--ckpt", str(runs["sr"])], "does not exist"),
   ]

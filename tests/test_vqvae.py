@@ -158,3 +158,27 @@ def test_vqvae_forward_loss_usage_and_bad_input():
     model.apply({"params": params}, img[:, :8, :8])
   with pytest.raises(ValueError, match="RGB"):
     model.apply({"params": params}, img[..., :1])
+
+
+def test_decoder_loss_matches_direct_reconstructions_and_trains_only_the_decoder():
+  cfg = _tiny_vqvae()
+  model = vqm.VQVAE(cfg)
+  img = jnp.asarray(np.random.default_rng(5).uniform(-1, 1, (3, 16, 16, 3)), jnp.float32)
+  params = np_init(model, img, std=0.3)  # large enough that the two decoder inputs differ
+  dec = {k: params[k] for k in vqm.DECODER_PARAMS}
+  loss_fn = vqm.decoder_loss_fn(model, params)
+  loss_sum, weight = jax.jit(lambda p: loss_fn(p, {"image": img}, None))(dec)
+  # independently: rows 0 and 2 through their tokens (unclipped decode), row 1 unquantised
+  apply = lambda *a, **k: model.apply({"params": params}, *a, **k)  # noqa: E731
+  rec_q = apply(apply(apply(img, method="img_to_idx"), method="idx_to_fhat"),
+                method="decode_fhat")
+  rec_u = apply(apply(img, method="features"), method="decode_fhat")
+  mse = lambda a, b: np.mean((np.asarray(a) - np.asarray(b)) ** 2)  # noqa: E731
+  expected = mse(rec_q[0], img[0]) + mse(rec_u[1], img[1]) + mse(rec_q[2], img[2])
+  assert float(weight) == 3
+  np.testing.assert_allclose(float(loss_sum), expected, rtol=1e-5)
+  assert abs(mse(rec_q[1], img[1]) - mse(rec_u[1], img[1])) > 1e-2  # the two paths differ
+  grads = jax.grad(lambda p: loss_fn(p, {"image": img}, None)[0])(dec)
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+  with pytest.raises(ValueError, match="exactly"):
+    loss_fn(params, {"image": img}, None)  # the full params: the encoder is not to be trained

@@ -143,6 +143,20 @@ def resize_batch(x_BHWC, size: tuple[int, int], mode: str = "bicubic"):
   return jnp.einsum("oh,bhwc,pw->bopc", mh, x_BHWC, mw)
 
 
+def self_ensemble(fn, img: np.ndarray) -> np.ndarray:
+  """Geometric self-ensemble (EDSR, Lim et al. 2017): the mean over the 8 symmetries t of the
+  square (4 rotations by 90 degrees, each with and without a horizontal flip) of
+  t^-1(fn(t(img))), for an image-to-image `fn` ([H, W, C] -> [sH, sW, C]). It costs 8 calls; an
+  `fn` that commutes with the symmetries (e.g. bicubic resizing) is left unchanged."""
+  outs = []
+  for k in range(4):
+    for flip in (False, True):
+      x = np.rot90(img, k)
+      y = np.asarray(fn(np.ascontiguousarray(x[:, ::-1] if flip else x)), np.float64)
+      outs.append(np.rot90(y[:, ::-1] if flip else y, -k))
+  return np.mean(outs, axis=0).astype(np.float32)
+
+
 def crop_to_multiple(img: np.ndarray, multiple: int) -> np.ndarray:
   """Drops the bottom / right rows and columns beyond a multiple of `multiple`."""
   H, W = img.shape[:2]

@@ -1,7 +1,7 @@
 """Super-resolution training and inference drivers: the VQ-VAE stage, the VARSR stage, the CNN
 baseline, upscaling.
 
-Three stages, each a run directory (`workdir`) holding `config.json`, Orbax checkpoints
+Four stages, each a run directory (`workdir`) holding `config.json`, Orbax checkpoints
 (`jaxllm.train.checkpoint.Checkpointer`), `metrics.jsonl` and TensorBoard events:
 
 1. `stage="vqvae"`: the multi-scale VQ-VAE (`models/var/vqvae.py`) on random HR crops of
@@ -12,7 +12,13 @@ Three stages, each a run directory (`workdir`) holding `config.json`, Orbax chec
    this run's checkpoint, so one directory is enough to upscale; loss = CE + diff_weight x
    diffusion loss; teacher-forced token accuracy is logged. VARSR's shape (vocabulary, Cvae,
    scales, output size) is taken from the VQ-VAE; `varsr_preset` sets the transformer's size.
-3. `stage="cnn"`: the regression-CNN baseline (`models/srcnn.py`), L1 loss, on the pairs of
+3. `stage="decoder"`: the VQ-VAE of `vqvae_dir` with only its decoder (`post_quant_conv` and
+   `decoder`) trained on, MSE loss on reconstructions from the quantised and the unquantised
+   latents (`vqvae.decoder_loss_fn`). Tokens are unchanged, so an sr-stage run trained on the
+   original decodes with the tuned decoder (`load_sr(..., decoder=DIR)`, `jaxllm sr upscale
+   --decoder DIR`); the original VQ-VAE is copied into the checkpoint, and `load_vqvae` of this
+   run gives the original with the tuned decoder.
+4. `stage="cnn"`: the regression-CNN baseline (`models/srcnn.py`), L1 loss, on the pairs of
    `images.sr_dataset` with HR crops of `crop_size` pixels. It has no quality label, so it trains
    on positive pairs only (`negative_prob` does not apply); with the same seed and crop size, its
    pair i is the sr stage's pair i wherever that one is positive. No VQ-VAE is needed.
@@ -51,7 +57,7 @@ from jaxllm.train.metrics import MetricsWriter
 from jaxllm.train.optim import make_optimizer
 from jaxllm.train.step import TrainState, make_train_step
 
-STAGES = ("vqvae", "sr", "cnn")
+STAGES = ("vqvae", "decoder", "sr", "cnn")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -62,7 +68,7 @@ class SRTrainConfig:
   vqvae_preset: str = "small"  # vqvae_lib.PRESETS (stage "vqvae")
   varsr_preset: str = "small"  # VARSR_SIZES (stage "sr")
   cnn_preset: str = "small"  # srcnn.PRESETS (stage "cnn")
-  vqvae_dir: str | None = None  # stage "sr": the run directory of a trained VQ-VAE
+  vqvae_dir: str | None = None  # stages "sr", "decoder": the run directory of a trained VQ-VAE
   vqvae_overrides: tuple[str, ...] = ()  # "FIELD=JSON" on the VQ-VAE preset, e.g. "ch=8"
   varsr_overrides: tuple[str, ...] = ()  # "FIELD=JSON" on the VARSR config, e.g. "depth=1"
   cnn_overrides: tuple[str, ...] = ()  # "FIELD=JSON" on the CNN preset, e.g. "num_blocks=4"
@@ -85,9 +91,9 @@ class SRTrainConfig:
   def __post_init__(self):
     if self.stage not in STAGES:
       raise ValueError(f"stage={self.stage!r}: use one of {STAGES}.")
-    if self.stage == "sr" and not self.vqvae_dir:
-      raise ValueError("the sr stage needs a trained VQ-VAE: pass --vqvae DIR (a run made by "
-                       "`jaxllm sr train --stage vqvae --workdir DIR`).")
+    if self.stage in ("sr", "decoder") and not self.vqvae_dir:
+      raise ValueError(f"the {self.stage} stage needs a trained VQ-VAE: pass --vqvae DIR (a run "
+                       "made by `jaxllm sr train --stage vqvae --workdir DIR`).")
     object.__setattr__(self, "vqvae_overrides", tuple(self.vqvae_overrides))
     object.__setattr__(self, "varsr_overrides", tuple(self.varsr_overrides))
     object.__setattr__(self, "cnn_overrides", tuple(self.cnn_overrides))
@@ -239,13 +245,35 @@ def _restore(workdir: Path, abstract):
 
 
 def load_vqvae(workdir: str | Path):
-  """(VQVAE module, params) of a finished VQ-VAE-stage run."""
+  """(VQVAE module, params) of a finished VQ-VAE-stage run, or of a decoder-stage run (its
+  original VQ-VAE with the tuned decoder)."""
   run = read_run(workdir)
-  if run["stage"] != "vqvae":
+  if run["stage"] not in ("vqvae", "decoder"):
     raise ValueError(f"{workdir} is a {run['stage']!r}-stage run; --vqvae needs a run made with "
-                     "--stage vqvae.")
+                     "--stage vqvae (or --stage decoder).")
   model = vqvae_lib.VQVAE(vqvae_lib.VQVAEConfig(**run["vqvae"]))
-  return model, _restore(Path(workdir), _abstract_state(model)).params
+  if run["stage"] == "vqvae":
+    return model, _restore(Path(workdir), _abstract_state(model)).params
+  state = _restore(Path(workdir), _decoder_abstract(model))
+  return model, {**state["vqvae"], **state["train"].params}
+
+
+def _decoder_abstract(model: vqvae_lib.VQVAE):
+  """Shapes of a decoder-stage checkpoint: {"train": TrainState of the decoder params,
+  "vqvae": the original VQ-VAE params}."""
+  full = _abstract_state(model).params
+  optimizer = make_optimizer(OptimConfig(schedule="constant"), 1)
+  part = {k: full[k] for k in vqvae_lib.DECODER_PARAMS}
+  return {"train": jax.eval_shape(_init_from(part, optimizer), 0), "vqvae": full}
+
+
+def _init_from(params, optimizer):
+  """`init(seed) -> TrainState` starting from given params (a fine-tuning stage)."""
+  def init(seed):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params),
+                      rng=jax.random.key_data(jax.random.key(seed + 1)))
+  return init
 
 
 def _abstract_state(model: nn.Module) -> TrainState:
@@ -262,8 +290,11 @@ def _abstract_state(model: nn.Module) -> TrainState:
 
 
 def _stage_setup(cfg: SRTrainConfig):
-  """(model, loss_fn, init args, dataset, extra state, eval fn, run record) of a stage."""
+  """(model, loss_fn, init_for, dataset, extra state, eval fn, run record) of a stage, where
+  `init_for(optimizer)` is the stage's jittable `init(seed) -> TrainState`."""
   photos = load_photos(cfg.data)
+  if cfg.stage == "decoder":
+    return _decoder_setup(cfg, photos)
   if cfg.stage == "vqvae":
     vq_cfg = vqvae_lib.preset(cfg.vqvae_preset, **parse_overrides(cfg.vqvae_overrides,
                                                                    vqvae_lib.VQVAEConfig))
@@ -278,7 +309,8 @@ def _stage_setup(cfg: SRTrainConfig):
       return {k: v for k, v in out.items() if not k.startswith("usage_scale")}
 
     record = {"vqvae": dataclasses.asdict(vq_cfg)}
-    return model, loss_fn, (jnp.zeros((1, S, S, 3)),), data, None, eval_fn, record
+    init_for = functools.partial(_init_fn, model, (jnp.zeros((1, S, S, 3)),))
+    return model, loss_fn, init_for, data, None, eval_fn, record
   if cfg.stage == "cnn":
     return _cnn_setup(cfg, photos)
   vq, vq_params = load_vqvae(cfg.vqvae_dir)
@@ -303,7 +335,27 @@ def _stage_setup(cfg: SRTrainConfig):
 
   record = {"vqvae": dataclasses.asdict(vq.config), "varsr": dataclasses.asdict(c),
             "vqvae_dir": str(cfg.vqvae_dir)}
-  return model, loss_fn, _varsr_example(c), data, vq_params, eval_fn, record
+  init_for = functools.partial(_init_fn, model, _varsr_example(c))
+  return model, loss_fn, init_for, data, vq_params, eval_fn, record
+
+
+def _decoder_setup(cfg: SRTrainConfig, photos):
+  vq, vq_params = load_vqvae(cfg.vqvae_dir)
+  S = vq.config.image_size
+  data = hr_crop_dataset(photos, S, cfg.seed).batch(cfg.batch_size)
+  start = {k: vq_params[k] for k in vqvae_lib.DECODER_PARAMS}
+
+  def eval_fn(params, original, batch):  # PSNR of the training batch through its tokens
+    img = batch["image"]
+    out = {}
+    for name, p in (("psnr_tokens", {**original, **params}), ("psnr_tokens_start", original)):
+      apply = functools.partial(vq.apply, {"params": p})
+      out[name] = _batch_psnr(apply(apply(img, method="img_to_idx"), method="idx_to_img"), img)
+    return out
+
+  record = {"vqvae": dataclasses.asdict(vq.config), "vqvae_dir": str(cfg.vqvae_dir)}
+  return (vq, vqvae_lib.decoder_loss_fn(vq, vq_params), functools.partial(_init_from, start),
+          data, vq_params, eval_fn, record)
 
 
 def _batch_psnr(x, y):
@@ -324,18 +376,19 @@ def _cnn_setup(cfg: SRTrainConfig, photos):
             "psnr_bicubic": _batch_psnr(srcnn.bicubic_upsample(batch["lr"], c.scale), batch["hr"])}
 
   s = cfg.crop_size // cfg.scale
-  return (model, srcnn.l1_loss_fn(model), (jnp.zeros((1, s, s, 3)),), data, None, eval_fn,
+  init_for = functools.partial(_init_fn, model, (jnp.zeros((1, s, s, 3)),))
+  return (model, srcnn.l1_loss_fn(model), init_for, data, None, eval_fn,
           {"cnn": dataclasses.asdict(c)})
 
 
 def train(cfg: SRTrainConfig) -> dict[str, Any]:
   """Trains (or resumes) one stage; returns {"state", "extra", "metrics" (last logged)}."""
   workdir = Path(cfg.workdir)
-  model, loss_fn, example, data, extra, eval_fn, record = _stage_setup(cfg)
+  _, loss_fn, init_for, data, extra, eval_fn, record = _stage_setup(cfg)
   ocfg = OptimConfig(lr=cfg.lr, schedule="warmup_cosine", warmup_steps=cfg.warmup_steps,
                      weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
   optimizer = make_optimizer(ocfg, cfg.steps)
-  init = _init_fn(model, example, optimizer)
+  init = init_for(optimizer)
   run = {"kind": "sr", "stage": cfg.stage, "train": dataclasses.asdict(cfg), **record}
   cfg_path = workdir / "config.json"
   if cfg_path.is_file():
@@ -391,9 +444,9 @@ def train(cfg: SRTrainConfig) -> dict[str, Any]:
 def train_step_flops(cfg: SRTrainConfig) -> float:
   """FLOPs of one optimizer step of a stage at `cfg.batch_size`: XLA's cost analysis of the
   lowered train step (the frozen VQ-VAE's tokenisation included for the sr stage)."""
-  model, loss_fn, example, data, _, _, _ = _stage_setup(cfg)
+  _, loss_fn, init_for, data, _, _, _ = _stage_setup(cfg)
   optimizer = make_optimizer(OptimConfig(lr=cfg.lr, schedule="constant"), cfg.steps)
-  state = jax.eval_shape(_init_fn(model, example, optimizer), 0)
+  state = jax.eval_shape(init_for(optimizer), 0)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in data[0].items()}
   return float(jax.jit(make_train_step(loss_fn, optimizer)).lower(state, batch)
                .cost_analysis()["flops"])
@@ -433,21 +486,52 @@ class CNNModel:
     return self.model.config
 
 
-def load_sr(workdir: str | Path) -> SRModel | CNNModel:
+def load_sr(workdir: str | Path, decoder: str | Path | None = None) -> SRModel | CNNModel:
   """A trained sr-stage run (VARSR and its frozen VQ-VAE), or a cnn-stage run, from its
-  directory."""
+  directory. `decoder`: a decoder-stage run tuned from the VQ-VAE this sr run was trained on,
+  whose decoder replaces the checkpoint's (the tokens are the same; checked)."""
   run = read_run(workdir)
   if run["stage"] == "cnn":
+    if decoder is not None:
+      raise ValueError("--decoder is for VARSR runs; this is a cnn-stage run: drop --decoder.")
     model = srcnn.SRCNN(srcnn.SRCNNConfig(**run["cnn"]))
     return CNNModel(model, _restore(Path(workdir), _abstract_state(model)).params, run)
   if run["stage"] != "sr":
-    raise ValueError(f"{workdir} is a VQ-VAE-stage run; upscaling needs the sr stage trained "
-                     f"on it: `jaxllm sr train --stage sr --vqvae {workdir} --workdir SR_DIR`.")
+    raise ValueError(f"{workdir} is a {run['stage']}-stage run; upscaling needs the sr stage "
+                     f"trained on a VQ-VAE: `jaxllm sr train --stage sr --vqvae VQ_DIR "
+                     f"--workdir SR_DIR`.")
   vq = vqvae_lib.VQVAE(vqvae_lib.VQVAEConfig(**run["vqvae"]))
   model = varsr_lib.VARSR(_varsr_from_dict(run["varsr"]))
   abstract = {"train": _abstract_state(model), "vqvae": _abstract_state(vq).params}
   state = _restore(Path(workdir), abstract)
-  return SRModel(model, state["train"].params, vq, state["vqvae"], run)
+  vq_params = state["vqvae"]
+  if decoder is not None:
+    vq_params = _swap_decoder(vq_params, run, decoder)
+    run = {**run, "decoder_dir": str(decoder)}
+  return SRModel(model, state["train"].params, vq, vq_params, run)
+
+
+def _swap_decoder(vq_params, run: dict, decoder: str | Path):
+  """`vq_params` with the decoder of the decoder-stage run `decoder`, after checking that the
+  run's tokenizer (everything but the decoder) is bit-for-bit the one in `vq_params`."""
+  d_run = read_run(decoder)
+  if d_run["stage"] != "decoder":
+    raise ValueError(f"--decoder {decoder} is a {d_run['stage']}-stage run; it needs a run made "
+                     f"with `jaxllm sr train --stage decoder --vqvae VQ_DIR`.")
+  if d_run["vqvae"] != run["vqvae"]:
+    raise ValueError(f"--decoder {decoder} tunes a VQ-VAE of another shape than this sr run's.")
+  _, tuned = load_vqvae(decoder)
+  for k in vq_params:
+    if k in vqvae_lib.DECODER_PARAMS:
+      continue
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
+                        vq_params[k], tuned[k])
+    if not all(jax.tree.leaves(same)):
+      raise ValueError(f"--decoder {decoder} was tuned from VQ-VAE {d_run['vqvae_dir']}, whose "
+                       f"{k!r} parameters differ from those this sr run was trained on "
+                       f"({run.get('vqvae_dir')}): its tokens would not be the ones the "
+                       "transformer predicts. Tune a decoder of that VQ-VAE instead.")
+  return {**vq_params, **{k: tuned[k] for k in vqvae_lib.DECODER_PARAMS}}
 
 
 def check_input(sr: SRModel | CNNModel, lr: np.ndarray, scale: int) -> None:
@@ -467,31 +551,40 @@ def check_input(sr: SRModel | CNNModel, lr: np.ndarray, scale: int) -> None:
 
 def upscale_image(sr: SRModel | CNNModel, lr: np.ndarray, scale: int, *, seed: int = 0,
                   cfg: float | None = None, top_k: int = 1, top_p: float = 0.75,
-                  refine: bool = True, refiner_steps: int | None = None,
-                  overlap: int | None = None, batch: int = 4) -> np.ndarray:
+                  temperature: float = 1.0, refine: bool = True,
+                  refiner_steps: int | None = None, overlap: int | None = None,
+                  batch: int = 4, self_ensemble: bool = False) -> np.ndarray:
   """LR image [h, w, 3] in [0, 1] (any size >= half a tile) -> SR [h s, w s, 3] in [0, 1].
 
   cfg=None: positive quality label only; a number: image-based CFG against the negative label,
-  which needs a model trained with negative_prob > 0. A `CNNModel` runs on the whole image at
-  once; the sampling options do not apply to it, and a cfg raises."""
+  which needs a model trained with negative_prob > 0. `temperature` scales the refiner's
+  sampling noise (0: the mean path of its sampler; VARSR samples at 1) and, when top_k > 1, the
+  token logits. `self_ensemble`: the mean over the 8 flips / rotations of the input
+  (`images.self_ensemble`, EDSR's "+" models; 8x the time, and for VARSR an average of samples:
+  higher PSNR, blurrier). A `CNNModel` runs on the whole image at once; the sampling options do
+  not apply to it, and a cfg raises."""
   lr = images.to_rgb(lr)
   check_input(sr, lr, scale)
   if isinstance(sr, CNNModel):
     if cfg is not None:
       raise ValueError("--cfg is for VARSR runs; this is a cnn-stage run (a regression CNN with "
                        "no quality label): drop --cfg.")
-    out = _cnn_apply(sr.model, sr.params, jnp.asarray(lr)[None] * 2 - 1)
-    return np.clip((np.asarray(out[0]) + 1) / 2, 0, 1)
+    def run(x):
+      return (np.asarray(_cnn_apply(sr.model, sr.params, jnp.asarray(x)[None] * 2 - 1)[0]) + 1) / 2
+    out = images.self_ensemble(run, lr) if self_ensemble else run(lr)
+    return np.clip(out, 0, 1)
   if cfg is not None and not sr.run["train"].get("negative_prob", 0):
     raise ValueError("this checkpoint never saw negative-quality (class 1) examples, so image "
                      "CFG has nothing to guide against: drop --cfg, or retrain the sr stage with "
                      "--negative-prob 0.1.")
   refine = refine and sr.config.refiner is not None
   fn = varsr_lib.make_upscaler(sr.model, sr.params, sr.vqvae, sr.vq_params, seed=seed, cfg=cfg,
-                               top_k=top_k, top_p=top_p, refine=refine,
+                               top_k=top_k, top_p=top_p, temperature=temperature, refine=refine,
                                refiner_steps=refiner_steps if refine else None)
   overlap = max(sr.tile // 8, 1) if overlap is None else overlap
-  out = varsr_lib.upscale_tiled(fn, lr, sr.tile, scale, overlap=overlap, batch=batch)
+  def run(x):
+    return varsr_lib.upscale_tiled(fn, x, sr.tile, scale, overlap=overlap, batch=batch)
+  out = images.self_ensemble(run, lr) if self_ensemble else run(lr)
   return np.clip(out, 0, 1)
 
 

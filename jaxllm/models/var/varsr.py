@@ -355,6 +355,9 @@ def upscale(model: VARSR, params, vqvae, vq_params, lr_BhW3, rng, *, cfg: float 
   """
   if refine and model.config.refiner is None:
     raise ValueError("refine=True but this VARSR config has no refiner.")
+  if temperature < 0:
+    raise ValueError(f"temperature={temperature} must be >= 0 (0: greedy tokens and the "
+                     "refiner's mean path).")
   return _upscale(model, params, vqvae, vq_params, lr_BhW3, rng,
                   jnp.asarray(0.0 if cfg is None else cfg, jnp.float32), use_cfg=cfg is not None,
                   top_k=top_k, top_p=top_p, temperature=temperature, refine=refine,

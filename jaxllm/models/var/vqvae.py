@@ -16,6 +16,7 @@ h_k = phi_k(bicubic(e[r_k], full)), f_hat += h_k, f_rest -= h_k.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -450,6 +451,39 @@ def vqvae_loss_fn(model: VQVAE, recon: str = "l1", vq_weight: float = 1.0):
     rec, vq_loss, _ = model.apply({"params": params}, img)
     err = jnp.abs(rec - img) if recon == "l1" else (rec - img) ** 2
     per_image = jnp.mean(err, axis=(1, 2, 3)) + vq_weight * vq_loss
+    return jnp.sum(per_image), jnp.asarray(img.shape[0], jnp.float32)
+
+  return loss_fn
+
+
+# The parameters that map f_hat to pixels. Tuning only these keeps every token of every image
+# (encoder, quant_conv, codebook and phi convolutions frozen), so a transformer trained on the
+# tokenizer's tokens stays valid with the tuned decoder (cf. Stable Diffusion's decoder-only
+# "ft-MSE" autoencoder, whose latents are those of the original).
+DECODER_PARAMS = ("post_quant_conv", "decoder")
+
+
+def decoder_loss_fn(model: VQVAE, frozen_params: dict):
+  """`loss_fn(decoder_params, batch, rng) -> (loss_sum, weight)`: decoder-only fine-tuning.
+
+  `frozen_params` are the full VQ-VAE params; `decoder_params` (the `DECODER_PARAMS` subtrees)
+  replace theirs. Loss per image = MSE (PSNR's loss) of the decoder's reconstruction from the
+  quantised f_hat (even batch rows) or from the unquantised latents (odd rows): VARSR decodes
+  f_hat_{K-1} + e + 0.6 x0, which lies between the two and equals the latter with a perfect
+  refiner. The encoder and the quantiser run under stop_gradient.
+  """
+  def loss_fn(params, batch, rng):
+    del rng
+    missing = set(DECODER_PARAMS) - set(params)
+    if missing or set(params) - set(DECODER_PARAMS):
+      raise ValueError(f"decoder params must hold exactly {DECODER_PARAMS}, got {sorted(params)}.")
+    img = batch["image"]
+    apply = functools.partial(model.apply, {"params": {**frozen_params, **params}})
+    f = jax.lax.stop_gradient(apply(img, method="features"))
+    _, f_hat, _ = apply(f, method=lambda m, x: m.quantize.encode(x))
+    quantised = (jnp.arange(img.shape[0]) % 2 == 0)[:, None, None, None]
+    rec = apply(jnp.where(quantised, f_hat, f), method="decode_fhat")
+    per_image = jnp.mean((rec - img) ** 2, axis=(1, 2, 3))
     return jnp.sum(per_image), jnp.asarray(img.shape[0], jnp.float32)
 
   return loss_fn
