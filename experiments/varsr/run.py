@@ -9,9 +9,9 @@ degradation), evaluated on the held-out photos (`jaxllm.data.images.HELD_OUT_PHO
 train   stage 1: the "small" multi-scale VQ-VAE (64 px, 8x down, scales 1,2,3,4,6,8, V 512) on
         random crops; stage 2: VARSR "small" (4 blocks, width 128, SA-RoPE, LR prefix, refiner
         3 x 128, 10% negative-quality targets) on (HR crop, degraded LR) pairs; the two ablations
-        at the same steps (learned absolute positions; additive LR conditioning instead of the prefix);
-        and the regression CNN (`jaxllm.models.srcnn.small`, L1) on the same pairs, the same
-        steps and batch, at about the same FLOPs per step. Each is a `jaxllm sr train` run
+        at the same steps (learned absolute positions; additive LR conditioning instead of the
+        prefix); and the regression CNN (`jaxllm.models.srcnn.small`, L1) on the same pairs, the
+        same steps and batch, at about the same FLOPs per step. Each is a `jaxllm sr train` run
         directory under --out (resumable); wall-clock, CPU time and XLA's FLOPs per step go to
         <out>/train.json.
 eval    every held-out photo, degraded `--seeds` times with fixed seeds (varsr_x4, x4): bicubic
@@ -28,6 +28,10 @@ lr-use  does a trained model read its LR? Teacher-forced token accuracy and cros
 transfer the prefix VARSR and the additive ablation trained (--sr-steps) on a longer-trained
         tokenizer (--vq-run, e.g. the 4200-step run of `ceiling`), scored like `eval` (bicubic,
         the tokenizer's ceilings, refiner on / off, image CFG off / 2 / 6) and by `lr-use`.
+fidelity the transfer model (--sr-steps) decoded for PSNR: with its tokenizer's decoder tuned
+        alone (--decoder-steps, MSE; encoder and codebook frozen, so the tokens and the transfer
+        model trained on them stay valid), the refiner at temperature 1 and 0, and the x8
+        geometric self-ensemble (also of the CNN); scored like `eval`.
 timing  one jitted generation (KV cache; refiner on and off; no CFG) against one jitted
         teacher-forced forward of the same sequence, same batch, same process, best of 10; for the
         trained models, then for random-init models with 4 to 8 scales (final grid 8 x 8) and
@@ -142,25 +146,31 @@ def _vq_ceilings(vq, p, S: int, hr: np.ndarray) -> dict[str, np.ndarray]:
 VQ_TOKENS = "VQ-VAE reconstruction of HR (ceiling)"
 VQ_LATENTS = "VQ-VAE decoder, unquantised latents (perfect-refiner ceiling)"
 MAIN = "VARSR (refiner, CFG off)"
+CNN = "CNN baseline (L1, same steps and FLOPs)"
 PANEL = 256  # HR side of the comparison panels' crop
 
 
-def score_heldout(variants: dict, ceiling_model: sr.SRModel, args, panel: dict[str, str],
-                  prefix: str) -> dict:
-  """Scores bicubic, `ceiling_model`'s tokenizer ceilings and every variant (name -> (model,
-  `upscale_image` options)) on the held-out pairs; saves one centre-crop panel per photo (LR |
-  bicubic | the `panel` variants, by label | HR) as <img>/<prefix>_<photo>.png; prints the table.
+def score_heldout(variants: dict, ceiling_model: sr.SRModel | dict[str, sr.SRModel], args,
+                  panel: dict[str, str], prefix: str) -> dict:
+  """Scores bicubic, `ceiling_model`'s tokenizer ceilings (a dict: each model's, its key
+  appended to the row names) and every variant (name -> (model, `upscale_image` options)) on the
+  held-out pairs; saves one centre-crop panel per photo (LR | bicubic | the `panel` variants, by
+  label | HR) as <img>/<prefix>_<photo>.png; prints the table.
   -> {"images", "per_image", "mean", "upscale_seconds_total"}."""
-  rows: dict[str, list[dict]] = {"bicubic": [], VQ_TOKENS: [], VQ_LATENTS: []}
+  ceilings = ceiling_model if isinstance(ceiling_model, dict) else {"": ceiling_model}
+  rows: dict[str, list[dict]] = {"bicubic": []}
+  for key in ceilings:
+    rows.update({VQ_TOKENS + key: [], VQ_LATENTS + key: []})
   rows.update({k: [] for k in variants})
   seconds: dict[str, float] = {}
   pairs = heldout_pairs(args.seeds)
   Path(args.img).mkdir(parents=True, exist_ok=True)
   for name, hr, lr in tqdm(pairs, desc="held-out images", disable=args.no_progress):
     rows["bicubic"].append(sr_metrics(sr.bicubic_upscale(lr, SCALE), hr, SCALE, True))
-    rec = _vq_reconstructions(ceiling_model, hr)
-    rows[VQ_TOKENS].append(sr_metrics(rec["tokens"], hr, SCALE, True))
-    rows[VQ_LATENTS].append(sr_metrics(rec["latents"], hr, SCALE, True))
+    for key, model in ceilings.items():
+      rec = _vq_reconstructions(model, hr)
+      rows[VQ_TOKENS + key].append(sr_metrics(rec["tokens"], hr, SCALE, True))
+      rows[VQ_LATENTS + key].append(sr_metrics(rec["latents"], hr, SCALE, True))
     outs = {}
     for vname, (model, opts) in variants.items():
       t = time.perf_counter()
@@ -189,7 +199,7 @@ def cmd_eval(args) -> None:
   out = Path(args.out)
   main = sr.load_sr(out / "sr")
   variants = {  # name -> (model, upscale_image options)
-      "CNN baseline (L1, same steps and FLOPs)": (sr.load_sr(out / "cnn"), dict()),
+      CNN: (sr.load_sr(out / "cnn"), dict()),
       MAIN: (main, dict()),
       "VARSR (no refiner, CFG off)": (main, dict(refine=False)),
       "VARSR (refiner, CFG 2)": (main, dict(cfg=2.0)),
@@ -200,7 +210,7 @@ def cmd_eval(args) -> None:
           sr.load_sr(out / "sr_additive"), dict()),
   }
   result = score_heldout(variants, main, args, prefix="varsr", panel={
-      "CNN": "CNN baseline (L1, same steps and FLOPs)", "VARSR": MAIN})
+      "CNN": CNN, "VARSR": MAIN})
   result["train"] = {k: json.loads((out / k / "config.json").read_text())["train"]
                      for k in ("vq", *SR_RUNS)}
   save_json(out, "eval", result)
@@ -336,6 +346,58 @@ def cmd_transfer(args) -> None:
   for name, r in result["lr_use"].items():
     _print_lr_use(name, r)
   plot_transfer(out, vq_run.name, Path(args.img) / f"varsr_transfer_{vq_run.name}.png")
+
+
+# -------------------------------------------------------------------------------------- fidelity
+
+
+TUNED, T0, SE = ", tuned decoder", ", refiner temperature 0", ", self-ensemble x8"
+
+
+def cmd_fidelity(args) -> None:
+  """Decoding the transfer model (`transfer --sr-steps`) for fidelity: the decoder of its
+  tokenizer `--vq-run` tuned alone for `--decoder-steps` (`jaxllm sr train --stage decoder`:
+  MSE, encoder and codebook frozen, so the tokens do not change), the refiner sampled at
+  temperature 1 (VARSR's) and 0 (the sampler's mean path), and the geometric self-ensemble
+  (also for the page's CNN, if trained); -> <out>/decoder_<vq run>_<steps>.json (the tuning
+  record, kept on reruns), <out>/fidelity_<vq run>_<sr steps>.json (the scores), a panel per
+  held-out photo."""
+  out, vq_run = Path(args.out), Path(args.vq_run)
+  sr_dir = out / f"on_{vq_run.name}_{args.sr_steps}" / "sr"
+  if not (sr_dir / "checkpoints").is_dir():
+    raise SystemExit(f"{sr_dir} has no checkpoints: train it first with `run.py transfer "
+                     f"--vq-run {vq_run} --sr-steps {args.sr_steps} --skip sr_additive`.")
+  name = f"decoder_{vq_run.name}_{args.decoder_steps}"
+  cfg = sr.SRTrainConfig(stage="decoder", vqvae_dir=str(vq_run), workdir=str(out / name),
+                         steps=args.decoder_steps, batch_size=args.batch_size,
+                         lr=args.decoder_lr, scale=SCALE, seed=0, log_every=50,
+                         progress=not args.no_progress)
+  record = out / f"{name}.json"
+  if not record.is_file():  # not tuned to the end yet (`sr.train` resumes)
+    t = time.perf_counter()
+    last = sr.train(cfg)["metrics"]
+    save_json(out, record.stem, {"train": {"wall_s": time.perf_counter() - t, "final": last,
+                                           "config": dataclasses.asdict(cfg)}})
+    print(f"{name}: {cfg.steps} steps in {(time.perf_counter() - t) / 60:.1f} min; last {last}",
+          flush=True)
+  result = {"vq_run": str(vq_run), "sr_run": str(sr_dir), "decoder_run": cfg.workdir,
+            "decoder_train": json.loads(record.read_text())["train"]}
+  original, tuned = sr.load_sr(sr_dir), sr.load_sr(sr_dir, decoder=cfg.workdir)
+  t0 = dict(temperature=0.0)
+  variants = {MAIN: (original, dict()),
+              MAIN + T0: (original, t0),
+              MAIN + TUNED: (tuned, dict()),
+              MAIN + TUNED + T0: (tuned, t0),
+              "VARSR (no refiner, CFG off)" + TUNED: (tuned, dict(refine=False)),
+              "VARSR (refiner, CFG 2)" + TUNED + T0: (tuned, dict(cfg=2.0, **t0)),
+              MAIN + TUNED + T0 + SE: (tuned, dict(self_ensemble=True, **t0))}
+  if (out / "cnn" / "checkpoints").is_dir():
+    cnn = sr.load_sr(out / "cnn")
+    variants.update({CNN: (cnn, dict()), CNN + SE: (cnn, dict(self_ensemble=True))})
+  result.update(score_heldout(variants, {"": original, TUNED: tuned}, args,
+                              prefix=f"varsr_fidelity_{vq_run.name}_{args.sr_steps}",
+                              panel={"VARSR": MAIN, "tuned, T 0": MAIN + TUNED + T0}))
+  save_json(out, f"fidelity_{vq_run.name}_{args.sr_steps}", result)
 
 
 def plot_transfer(out: Path, vq_name: str, path: Path) -> None:
@@ -475,7 +537,7 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("exp", choices=["all", "train", "eval", "timing", "ceiling", "lr-use",
-                                  "transfer"])
+                                  "transfer", "fidelity"])
   p.add_argument("--out", default="runs/varsr")
   p.add_argument("--img", default="docs/results/img")
   p.add_argument("--vq-steps", type=int, default=700)
@@ -491,13 +553,16 @@ def main(argv=None):
   p.add_argument("--runs", nargs="*", default=[],
                  help="lr-use: more SR run directories to probe beside the `train` ones")
   p.add_argument("--vq-run", default="runs/varsr/vq_4200",
-                 help="transfer: the tokenizer run to train the SR models on")
+                 help="transfer, fidelity: the tokenizer run to train the SR models on / tune")
+  p.add_argument("--decoder-steps", type=int, default=3000, help="fidelity: decoder tuning steps")
+  p.add_argument("--decoder-lr", type=float, default=3e-4,
+                 help="fidelity: the decoder's peak learning rate")
   p.add_argument("--no-progress", action="store_true")
   args = p.parse_args(argv)
   t, c = time.perf_counter(), _cpu_seconds()
   for exp in (("train", "eval", "timing") if args.exp == "all" else (args.exp,)):
     {"train": cmd_train, "eval": cmd_eval, "timing": cmd_timing, "ceiling": cmd_ceiling,
-     "lr-use": cmd_lr_use, "transfer": cmd_transfer}[exp](args)
+     "lr-use": cmd_lr_use, "transfer": cmd_transfer, "fidelity": cmd_fidelity}[exp](args)
   print(f"{args.exp}: {(time.perf_counter() - t) / 60:.1f} min wall, "
         f"{(_cpu_seconds() - c) / 60:.1f} CPU-min")
 
