@@ -125,22 +125,28 @@ def heldout_pairs(seeds: int):
   return out
 
 
-def _vq_reconstructions(model: sr.SRModel, hr: np.ndarray) -> dict[str, np.ndarray]:
-  """The VQ-VAE's reconstruction of the HR image through its tokens, and its decoder on the
-  unquantised latents, both tiled like the SR model (scale 1)."""
-  return _vq_ceilings(model.vqvae, model.vq_params, model.config.image_size, hr)
-
-
-def _vq_ceilings(vq, p, S: int, hr: np.ndarray) -> dict[str, np.ndarray]:
+def _vq_ceilings(vq, p, S: int):
+  """A function HR image -> {"tokens": the VQ-VAE's reconstruction through its tokens,
+  "latents": its decoder on the unquantised latents}, both tiled like the SR model (scale 1);
+  compiled once, for every image it is called on."""
   apply = lambda *a, **k: vq.apply({"params": p}, *a, **k)  # noqa: E731
   fns = {"tokens": jax.jit(lambda x: apply(apply(x, method="img_to_idx"), method="idx_to_img")),
          "latents": jax.jit(lambda x: apply(apply(x, method="features"), method="decode_fhat"))}
-  out = {}
-  for key, rec in fns.items():
-    def fn(tiles, rec=rec):
-      return (np.asarray(jnp.clip(rec(jnp.asarray(tiles) * 2 - 1), -1, 1)) + 1) / 2
-    out[key] = np.clip(varsr_lib.upscale_tiled(fn, hr, S, 1, overlap=S // 8, batch=8), 0, 1)
-  return out
+
+  def ceilings(hr: np.ndarray) -> dict[str, np.ndarray]:
+    out = {}
+    for key, rec in fns.items():
+      def fn(tiles, rec=rec):
+        return (np.asarray(jnp.clip(rec(jnp.asarray(tiles) * 2 - 1), -1, 1)) + 1) / 2
+      out[key] = np.clip(varsr_lib.upscale_tiled(fn, hr, S, 1, overlap=S // 8, batch=8), 0, 1)
+    return out
+
+  return ceilings
+
+
+def transfer_dir(out: Path, vq_run: Path, sr_steps: int) -> Path:
+  """Where `transfer` puts its runs (`sr`, `sr_additive`) for a tokenizer run and step count."""
+  return out / f"on_{vq_run.name}_{sr_steps}"
 
 
 VQ_TOKENS = "VQ-VAE reconstruction of HR (ceiling)"
@@ -158,19 +164,24 @@ def score_heldout(variants: dict, ceiling_model: sr.SRModel | dict[str, sr.SRMod
   label | HR) as <img>/<prefix>_<photo>.png; prints the table.
   -> {"images", "per_image", "mean", "upscale_seconds_total"}."""
   ceilings = ceiling_model if isinstance(ceiling_model, dict) else {"": ceiling_model}
+  ceilings = {key: _vq_ceilings(m.vqvae, m.vq_params, m.config.image_size)
+              for key, m in ceilings.items()}
   rows: dict[str, list[dict]] = {"bicubic": []}
   for key in ceilings:
     rows.update({VQ_TOKENS + key: [], VQ_LATENTS + key: []})
   rows.update({k: [] for k in variants})
   seconds: dict[str, float] = {}
+  ceiling_cache: dict[str, dict] = {}  # this photo's ceiling metrics, per ceiling model
   pairs = heldout_pairs(args.seeds)
   Path(args.img).mkdir(parents=True, exist_ok=True)
   for name, hr, lr in tqdm(pairs, desc="held-out images", disable=args.no_progress):
     rows["bicubic"].append(sr_metrics(sr.bicubic_upscale(lr, SCALE), hr, SCALE, True))
-    for key, model in ceilings.items():
-      rec = _vq_reconstructions(model, hr)
-      rows[VQ_TOKENS + key].append(sr_metrics(rec["tokens"], hr, SCALE, True))
-      rows[VQ_LATENTS + key].append(sr_metrics(rec["latents"], hr, SCALE, True))
+    for key, reconstruct in ceilings.items():
+      if name.endswith("/0"):  # the ceilings depend on the HR photo, not on its degradation
+        rec = reconstruct(hr)
+        ceiling_cache[key] = {k: sr_metrics(rec[k], hr, SCALE, True) for k in rec}
+      rows[VQ_TOKENS + key].append(ceiling_cache[key]["tokens"])
+      rows[VQ_LATENTS + key].append(ceiling_cache[key]["latents"])
     outs = {}
     for vname, (model, opts) in variants.items():
       t = time.perf_counter()
@@ -237,11 +248,12 @@ def cmd_ceiling(args) -> None:
       last = sr.train(cfg)["metrics"]
       print(f"vq {steps} steps: {(time.perf_counter() - t) / 60:.1f} min; last {last}")
     vq, p = sr.load_vqvae(cfg.workdir)
+    reconstruct = _vq_ceilings(vq, p, vq.config.image_size)
     rows = {"tokens": [], "latents": []}
     for name, hr, _ in pairs:
       if not name.endswith("/0"):
         continue  # the ceilings do not depend on the degradation seed
-      rec = _vq_ceilings(vq, p, vq.config.image_size, hr)
+      rec = reconstruct(hr)
       for k in rows:
         rows[k].append(sr_metrics(rec[k], hr, SCALE)["psnr"])
     result["runs"][steps] = {k: statistics.mean(v) for k, v in rows.items()}
@@ -315,7 +327,7 @@ def cmd_transfer(args) -> None:
                      f"ceiling --ceiling-steps 4200` makes {out / 'vq_4200'}).")
   if "sr" in args.skip:
     raise SystemExit("transfer scores the prefix model: do not --skip sr.")
-  tag = f"on_{vq_run.name}_{args.sr_steps}"
+  tag = transfer_dir(out, vq_run, args.sr_steps).name
   base = run_configs(args)
   previous = out / f"transfer_{vq_run.name}_{args.sr_steps}.json"
   result = {"vq_run": str(vq_run), "sr_steps": args.sr_steps,  # training records kept on reruns
@@ -363,7 +375,7 @@ def cmd_fidelity(args) -> None:
   record, kept on reruns), <out>/fidelity_<vq run>_<sr steps>.json (the scores), a panel per
   held-out photo."""
   out, vq_run = Path(args.out), Path(args.vq_run)
-  sr_dir = out / f"on_{vq_run.name}_{args.sr_steps}" / "sr"
+  sr_dir = transfer_dir(out, vq_run, args.sr_steps) / "sr"
   if not (sr_dir / "checkpoints").is_dir():
     raise SystemExit(f"{sr_dir} has no checkpoints: train it first with `run.py transfer "
                      f"--vq-run {vq_run} --sr-steps {args.sr_steps} --skip sr_additive`.")
