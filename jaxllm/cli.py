@@ -243,7 +243,7 @@ def cmd_sr_upscale(args) -> int:
   out = sr.upscale_image(model, lr, args.scale, seed=args.seed, cfg=args.cfg, top_k=args.top_k,
                          top_p=args.top_p, temperature=args.temperature,
                          refine=not args.no_refine, refiner_steps=args.refiner_steps,
-                         self_ensemble=args.self_ensemble)
+                         self_ensemble=args.self_ensemble, color_fix=args.color_fix)
   images.save_image(args.output, out)
   out = images.to_uint8(out).astype("float32") / 255.0  # metrics describe the file as written
   result = {"output": str(args.output), "size": list(out.shape[:2])}
@@ -275,7 +275,7 @@ def _add_sr_parser(sub) -> None:
   t.add_argument("--vqvae", default=None, metavar="DIR",
                  help="sr and decoder stages: the VQ-VAE run")
   t.add_argument("--vqvae-preset", default="small", help="tiny | small | var_f16 | varsr_f16")
-  t.add_argument("--varsr-preset", default="small", help="VARSR size: tiny | small")
+  t.add_argument("--varsr-preset", default="small", help="VARSR size: tiny | small | medium")
   t.add_argument("--cnn-preset", default="small", help="cnn stage: tiny | small")
   t.add_argument("--vqvae-set", nargs="*", default=[], metavar="FIELD=JSON")
   t.add_argument("--varsr-set", nargs="*", default=[], metavar="FIELD=JSON",
@@ -320,6 +320,9 @@ def _add_sr_parser(sub) -> None:
   u.add_argument("--self-ensemble", action="store_true",
                  help="average over the 8 flips / rotations of the input (8x the time)")
   u.add_argument("--refiner-steps", type=int, default=None)
+  u.add_argument("--color-fix", default="adain", choices=["adain", "wavelet", "none"],
+                 help="colour correction to the bicubic LR: per-tile channel statistics "
+                 "(VARSR's), or the whole image's low-frequency bands (StableSR's wavelet fix)")
   u.add_argument("--seed", type=int, default=0)
   u.set_defaults(fn=cmd_sr_upscale)
 

@@ -22,6 +22,7 @@ from jaxllm import cli
 from jaxllm.data import degradations as deg
 from jaxllm.data import images
 from jaxllm.eval.sr_metrics import rgb_to_y
+from jaxllm.models.var import varsr as varsr_lib
 
 STEPS = 600  # both stages; ~25 s each on 2 cores
 CNN_STEPS = 200  # the CNN baseline
@@ -172,6 +173,18 @@ def test_decoder_stage_keeps_the_tokens_and_decodes_for_the_sr_run(runs, capsys)
                    "--scale", "4", "--ckpt", str(runs["sr"]), "--decoder", str(dec),
                    "--temperature", "0"]) == 0
   np.testing.assert_allclose(images.load_image(runs["root"] / "d.png"), outs[1], atol=1 / 255)
+  # --color-fix wavelet: the uncorrected output's detail on the bicubic LR's low bands
+  plain = sr.upscale_image(model, lr, 4, temperature=0.0, color_fix="none")
+  want = varsr_lib.wavelet_color_fix(jnp.asarray(plain)[None],
+                                     jnp.asarray(sr.bicubic_upscale(lr, 4))[None])[0]
+  assert cli.main(["sr", "upscale", str(runs["root"] / "dlr.png"), str(runs["root"] / "w.png"),
+                   "--scale", "4", "--ckpt", str(runs["sr"]), "--decoder", str(dec),
+                   "--temperature", "0", "--color-fix", "wavelet"]) == 0
+  np.testing.assert_allclose(images.load_image(runs["root"] / "w.png"),
+                             np.clip(np.asarray(want), 0, 1), atol=1 / 255)
+  assert np.abs(plain - outs[1]).max() > 1e-3  # AdaIN did change the colours
+  with pytest.raises(ValueError, match="choose one of"):
+    sr.upscale_image(model, lr, 4, color_fix="wavelets")
   # a decoder tuned from another tokenizer (here: the encoder moved) would mis-decode: refused
   moved = {**model.vq_params, "encoder": jax.tree.map(lambda x: x + 1e-3,
                                                       model.vq_params["encoder"])}

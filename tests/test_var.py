@@ -330,6 +330,32 @@ def test_varsr_loss_bad_input_and_colour_fix(tiny_sr):
                              atol=1e-4)
 
 
+def test_wavelet_colour_fix_matches_scipy_and_keeps_detail():
+  """The a-trous low band against scipy's correlate (dilated binomial kernel, 'nearest' edges,
+  applied level by level); fixing an image shifted by a constant against the original returns
+  the original (the blur keeps constants, so the shift lies wholly in the low band)."""
+  from scipy import ndimage
+
+  from jaxllm.models.var import varsr
+  rng = np.random.default_rng(0)
+  img = rng.uniform(size=(2, 40, 29, 3))
+  low = img.copy()
+  for i in range(5):
+    r, k = 2 ** i, np.outer([1, 2, 1], [1, 2, 1]) / 16.0
+    dilated = np.zeros((2 * r + 1, 2 * r + 1))
+    dilated[::r, ::r] = k
+    low = np.stack([np.stack([ndimage.correlate(low[b, :, :, c], dilated, mode="nearest")
+                              for c in range(3)], -1) for b in range(2)])
+  high_j, low_j = varsr.wavelet_decompose(jnp.asarray(img, jnp.float32))
+  np.testing.assert_allclose(np.asarray(low_j), low, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(high_j), img - low, atol=1e-5)
+  shifted = jnp.asarray(img + np.array([0.3, -0.2, 0.1]), jnp.float32)
+  np.testing.assert_allclose(np.asarray(varsr.wavelet_color_fix(shifted, jnp.asarray(
+      img, jnp.float32))), img, atol=1e-5)
+  with pytest.raises(ValueError, match="one shape"):
+    varsr.wavelet_color_fix(shifted, shifted[:, :8])
+
+
 def test_tiled_upscale_blends_consistent_tiles_exactly():
   from jaxllm.models.var import varsr
   assert varsr.tile_starts(10, 4, 1) == [0, 3, 6] and varsr.tile_starts(3, 4, 1) == [0]

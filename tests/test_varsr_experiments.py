@@ -1,5 +1,5 @@
 """experiments/varsr/run.py: the LR-use probe scores an LR-blind model the same on its own and on
-another crop's LR, and a model that reads its LR differently."""
+another crop's LR, and a model that reads its LR differently; VARSR sizes and run names."""
 
 from __future__ import annotations
 
@@ -49,3 +49,15 @@ def test_lr_use_probe_tells_blind_from_reading_models(conditioning):
                                                                                abs=1e-6)
   reading = run.lr_dependence(_tiny_model(conditioning, blind=False), n=8)
   assert max(abs(r["ce_true"] - r["ce_rolled"]) for r in reading) > 1e-4
+
+
+def test_size_overrides_reach_the_refiner_and_small_runs_keep_their_names():
+  vq_cfg = vqvae_lib.small()
+  c = sr.varsr_config_for(vq_cfg, 4, "small", d_model=64, num_heads=2)
+  assert (c.d_model, c.refiner.cond_dim) == (64, 64)  # was a refiner/width mismatch error
+  m = sr.varsr_config_for(vq_cfg, 4, "medium")
+  assert (m.depth, m.d_model, m.refiner.cond_dim) == (6, 192, 192)
+  args = run.argparse.Namespace(vq_run="runs/varsr/vq_4200", sr_steps=4800, varsr_size="small")
+  assert run.transfer_dir(Path("runs/varsr"), args) == Path("runs/varsr/on_vq_4200_4800")
+  args.varsr_size = "medium"
+  assert run.run_tag(args) == "vq_4200_4800_medium"

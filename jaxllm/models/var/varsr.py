@@ -14,10 +14,10 @@ A VAR transformer conditioned on the low-resolution image through prefix tokens:
 - a diffusion refiner (`refiner.py`) predicts the last scale's quantisation residual
   (f_rest_K - e[i_hat]) / 0.6 from z = LN(h_K + word_embed(e[i_hat])); phi is not applied at the
   last scale when refining, so f_hat_{K-1} + e[i_hat] + 0.6 x0 = f for the true residual;
-- loss = CE + diff_weight x diffusion loss; colour correction (AdaIN) to the LR at the end.
-
-Not here yet: tiled inference for images larger than the training size (an image of another
-size raises a ValueError naming the trained size).
+- loss = CE + diff_weight x diffusion loss; colour correction to the LR at the end: AdaIN per
+  tile (VARSR's test script), or the wavelet fix on the whole image (`wavelet_color_fix`, the
+  other one in the colour-fix module VARSR ships, from StableSR);
+- images of any size go through `upscale_tiled` (model-sized LR tiles, blended).
 """
 
 from __future__ import annotations
@@ -425,6 +425,34 @@ def adain_color_fix(img_BHWC, ref_BHWC, eps: float = 1e-5):
   mu_r = jnp.mean(ref_BHWC, (1, 2), keepdims=True)
   sd_r = jnp.std(ref_BHWC, (1, 2), keepdims=True)
   return (img_BHWC - mu) / (sd + eps) * sd_r + mu_r
+
+
+def wavelet_decompose(img_BHWC, levels: int = 5):
+  """-> (high, low): `low` is the image blurred `levels` times by the 3 x 3 binomial kernel
+  [1 2 1]^T [1 2 1] / 16 dilated by 1, 2, 4, ... (a trous; edge-replicated borders), `high` the
+  sum of the removed bands, img - low (StableSR's `wavelet_decomposition`)."""
+  C = img_BHWC.shape[-1]
+  k = jnp.asarray(np.outer([1, 2, 1], [1, 2, 1]) / 16.0, img_BHWC.dtype)
+  k = jnp.tile(k[:, :, None, None], (1, 1, 1, C))  # HWIO, depthwise
+  low = img_BHWC
+  for i in range(levels):
+    r = 2 ** i
+    x = jnp.pad(low, ((0, 0), (r, r), (r, r), (0, 0)), mode="edge")
+    low = jax.lax.conv_general_dilated(x, k, (1, 1), "VALID", rhs_dilation=(r, r),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                       feature_group_count=C,
+                                       precision=jax.lax.Precision.HIGHEST)
+  return img_BHWC - low, low
+
+
+def wavelet_color_fix(img_BHWC, ref_BHWC, levels: int = 5):
+  """`img`'s high-frequency bands on `ref`'s low-frequency residual (`wavelet_decompose`): with
+  5 levels, structure wider than ~32 output pixels (colour, shading) comes from `ref`, the
+  bicubic-upsampled LR, and the detail from the model."""
+  if img_BHWC.shape != ref_BHWC.shape:
+    raise ValueError(f"wavelet colour fix: image {img_BHWC.shape} and reference "
+                     f"{ref_BHWC.shape} must have one shape.")
+  return wavelet_decompose(img_BHWC, levels)[0] + wavelet_decompose(ref_BHWC, levels)[1]
 
 
 # ------------------------------------------------------------------------------- tiled inference
