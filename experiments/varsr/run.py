@@ -76,6 +76,17 @@ def _cpu_seconds() -> float:
   return r.ru_utime + r.ru_stime
 
 
+def train_timed(cfg: sr.SRTrainConfig, label: str) -> dict:
+  """`sr.train(cfg)` (resuming if its run exists) -> {"wall_s", "cpu_s", "final" (the last
+  logged metrics)}, with one line printed: label, steps, wall and CPU minutes, last metrics."""
+  t, c = time.perf_counter(), _cpu_seconds()
+  last = sr.train(cfg)["metrics"]
+  wall, cpu = time.perf_counter() - t, _cpu_seconds() - c
+  print(f"{label}: {cfg.steps} steps in {wall / 60:.1f} min wall ({cpu / 60:.1f} CPU-min); "
+        f"last {last}", flush=True)
+  return {"wall_s": wall, "cpu_s": cpu, "final": last}
+
+
 def run_configs(args) -> dict[str, sr.SRTrainConfig]:
   out = Path(args.out)
   common = dict(batch_size=args.batch_size, lr=args.lr, progress=not args.no_progress,
@@ -85,7 +96,8 @@ def run_configs(args) -> dict[str, sr.SRTrainConfig]:
   crop = vqvae_lib.small().image_size  # the CNN sees VARSR's crops
   for name, opts in SR_RUNS.items():
     cfgs[name] = sr.SRTrainConfig(workdir=str(out / name), vqvae_dir=str(out / "vq"),
-                                  varsr_preset="small", crop_size=crop, steps=args.sr_steps,
+                                  varsr_preset=args.varsr_size, crop_size=crop,
+                                  steps=args.sr_steps,
                                   **opts, **common)
   return cfgs
 
@@ -98,26 +110,23 @@ def cmd_train(args) -> None:
     done = name in record and record[name]["steps"] == cfg.steps
     if name in args.skip or (done and (Path(cfg.workdir) / "checkpoints").is_dir()):
       continue  # left out, or already trained (its timings kept)
-    t, c = time.perf_counter(), _cpu_seconds()
-    result = sr.train(cfg)
-    wall, cpu = time.perf_counter() - t, _cpu_seconds() - c
-    entry = {"steps": cfg.steps, "batch_size": cfg.batch_size, "wall_s": wall, "cpu_s": cpu,
-             "gflop_per_step": sr.train_step_flops(cfg) / 1e9, "final": result["metrics"]}
+    entry = {"steps": cfg.steps, "batch_size": cfg.batch_size, **train_timed(cfg, name),
+             "gflop_per_step": sr.train_step_flops(cfg) / 1e9}
     # re-read: runs may train in parallel processes (`--skip`), each adding its own entry
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     record[name] = entry
     save_json(out, "train", record)
-    print(f"{name}: {cfg.steps} steps in {wall / 60:.1f} min wall ({cpu / 60:.1f} CPU-min), "
-          f"{entry['gflop_per_step']:.1f} GFLOP/step; last {result['metrics']}")
+    print(f"{name}: {entry['gflop_per_step']:.1f} GFLOP/step", flush=True)
 
 
 # ------------------------------------------------------------------------------------------ eval
 
 
-def heldout_pairs(seeds: int):
-  """[(name, HR, LR)]: each held-out photo degraded with seeds 1000 + k (deterministic)."""
+def heldout_pairs(seeds: int, photos=images.HELD_OUT_PHOTOS):
+  """[(name, HR, LR)]: each photo (by default the held-out ones) degraded with seeds 1000 + k
+  (deterministic)."""
   out = []
-  for name in images.HELD_OUT_PHOTOS:
+  for name in photos:
     photo = images.skimage_photo(name)
     for k in range(seeds):
       hr, lr = deg.degrade(photo, 1000 + k, deg.varsr_x4(scale=SCALE))
@@ -144,9 +153,16 @@ def _vq_ceilings(vq, p, S: int):
   return ceilings
 
 
-def transfer_dir(out: Path, vq_run: Path, sr_steps: int) -> Path:
-  """Where `transfer` puts its runs (`sr`, `sr_additive`) for a tokenizer run and step count."""
-  return out / f"on_{vq_run.name}_{sr_steps}"
+def run_tag(args) -> str:
+  """Names a transfer run: its tokenizer run, SR steps and (unless "small") VARSR size."""
+  size = "" if args.varsr_size == "small" else f"_{args.varsr_size}"
+  return f"{Path(args.vq_run).name}_{args.sr_steps}{size}"
+
+
+def transfer_dir(out: Path, args) -> Path:
+  """Where `transfer` puts its runs (`sr`, `sr_additive`) for `--vq-run`, `--sr-steps` and
+  `--varsr-size`."""
+  return out / f"on_{run_tag(args)}"
 
 
 VQ_TOKENS = "VQ-VAE reconstruction of HR (ceiling)"
@@ -157,11 +173,13 @@ PANEL = 256  # HR side of the comparison panels' crop
 
 
 def score_heldout(variants: dict, ceiling_model: sr.SRModel | dict[str, sr.SRModel], args,
-                  panel: dict[str, str], prefix: str) -> dict:
+                  panel: dict[str, str] | None, prefix: str,
+                  photos=images.HELD_OUT_PHOTOS, seeds: int | None = None) -> dict:
   """Scores bicubic, `ceiling_model`'s tokenizer ceilings (a dict: each model's, its key
-  appended to the row names) and every variant (name -> (model, `upscale_image` options)) on the
-  held-out pairs; saves one centre-crop panel per photo (LR | bicubic | the `panel` variants, by
-  label | HR) as <img>/<prefix>_<photo>.png; prints the table.
+  appended to the row names; {} for none) and every variant (name -> (model, `upscale_image`
+  options)) on `photos` (the held-out ones unless given), each degraded `seeds` times (default
+  --seeds); saves one centre-crop panel per photo (LR | bicubic | the `panel` variants, by
+  label | HR; none if `panel` is None) as <img>/<prefix>_<photo>.png; prints the table.
   -> {"images", "per_image", "mean", "upscale_seconds_total"}."""
   ceilings = ceiling_model if isinstance(ceiling_model, dict) else {"": ceiling_model}
   ceilings = {key: _vq_ceilings(m.vqvae, m.vq_params, m.config.image_size)
@@ -172,9 +190,9 @@ def score_heldout(variants: dict, ceiling_model: sr.SRModel | dict[str, sr.SRMod
   rows.update({k: [] for k in variants})
   seconds: dict[str, float] = {}
   ceiling_cache: dict[str, dict] = {}  # this photo's ceiling metrics, per ceiling model
-  pairs = heldout_pairs(args.seeds)
+  pairs = heldout_pairs(args.seeds if seeds is None else seeds, photos)
   Path(args.img).mkdir(parents=True, exist_ok=True)
-  for name, hr, lr in tqdm(pairs, desc="held-out images", disable=args.no_progress):
+  for name, hr, lr in tqdm(pairs, desc="images", disable=args.no_progress):
     rows["bicubic"].append(sr_metrics(sr.bicubic_upscale(lr, SCALE), hr, SCALE, True))
     for key, reconstruct in ceilings.items():
       if name.endswith("/0"):  # the ceilings depend on the HR photo, not on its degradation
@@ -188,7 +206,7 @@ def score_heldout(variants: dict, ceiling_model: sr.SRModel | dict[str, sr.SRMod
       outs[vname] = sr.upscale_image(model, lr, SCALE, batch=16, **opts)
       seconds[vname] = seconds.get(vname, 0.0) + time.perf_counter() - t
       rows[vname].append(sr_metrics(outs[vname], hr, SCALE, True))
-    if name.endswith("/0"):  # one panel per photo, from its first degradation
+    if panel is not None and name.endswith("/0"):  # one panel per photo, its first degradation
       H, W = hr.shape[:2]
       y, x = (H - PANEL) // 2 // SCALE * SCALE, (W - PANEL) // 2 // SCALE * SCALE
       crop = lambda a, s=1: a[y // s:(y + PANEL) // s, x // s:(x + PANEL) // s]  # noqa: E731
@@ -244,9 +262,7 @@ def cmd_ceiling(args) -> None:
     cfg = base if steps == args.vq_steps else dataclasses.replace(
         base, steps=steps, workdir=str(out / f"vq_{steps}"))
     if not (Path(cfg.workdir) / "checkpoints").is_dir():
-      t = time.perf_counter()
-      last = sr.train(cfg)["metrics"]
-      print(f"vq {steps} steps: {(time.perf_counter() - t) / 60:.1f} min; last {last}")
+      train_timed(cfg, f"vq {steps}")
     vq, p = sr.load_vqvae(cfg.workdir)
     reconstruct = _vq_ceilings(vq, p, vq.config.image_size)
     rows = {"tokens": [], "latents": []}
@@ -327,21 +343,18 @@ def cmd_transfer(args) -> None:
                      f"ceiling --ceiling-steps 4200` makes {out / 'vq_4200'}).")
   if "sr" in args.skip:
     raise SystemExit("transfer scores the prefix model: do not --skip sr.")
-  tag = transfer_dir(out, vq_run, args.sr_steps).name
+  tag = transfer_dir(out, args).name
   base = run_configs(args)
-  previous = out / f"transfer_{vq_run.name}_{args.sr_steps}.json"
+  previous = out / f"transfer_{run_tag(args)}.json"
   result = {"vq_run": str(vq_run), "sr_steps": args.sr_steps,  # training records kept on reruns
+            "varsr_size": args.varsr_size,
             "train": json.loads(previous.read_text())["train"] if previous.is_file() else {}}
   models = {}
   for name in [n for n in ("sr", "sr_additive") if n not in args.skip]:
     cfg = dataclasses.replace(base[name], vqvae_dir=str(vq_run),
                               workdir=str(out / tag / name))
     if name not in result["train"]:  # not trained to the end yet (`sr.train` resumes)
-      t = time.perf_counter()
-      last = sr.train(cfg)["metrics"]
-      result["train"][name] = {"wall_s": time.perf_counter() - t, "final": last}
-      print(f"{tag}/{name}: {cfg.steps} steps in {(time.perf_counter() - t) / 60:.1f} min; "
-            f"last {last}", flush=True)
+      result["train"][name] = train_timed(cfg, f"{tag}/{name}")
       save_json(out, previous.stem, result)  # a rerun after an interruption keeps this model
     models[name] = sr.load_sr(cfg.workdir)
   variants = {MAIN: (models["sr"], dict()),
@@ -364,6 +377,7 @@ def cmd_transfer(args) -> None:
 
 
 TUNED, T0, SE = ", tuned decoder", ", refiner temperature 0", ", self-ensemble x8"
+WAV = ", wavelet colour fix"
 
 
 def cmd_fidelity(args) -> None:
@@ -371,14 +385,17 @@ def cmd_fidelity(args) -> None:
   tokenizer `--vq-run` tuned alone for `--decoder-steps` (`jaxllm sr train --stage decoder`:
   MSE, encoder and codebook frozen, so the tokens do not change), the refiner sampled at
   temperature 1 (VARSR's) and 0 (the sampler's mean path), and the geometric self-ensemble
-  (also for the page's CNN, if trained); -> <out>/decoder_<vq run>_<steps>.json (the tuning
-  record, kept on reruns), <out>/fidelity_<vq run>_<sr steps>.json (the scores), a panel per
+  (also for the page's CNN, if trained), and StableSR's wavelet colour fix instead of AdaIN;
+  then the best decoding and the CNN on the training photos (one fresh degradation each), to
+  tell a generalisation gap from a fitting one; -> <out>/decoder_<vq run>_<steps>.json (the
+  tuning record, kept on reruns), <out>/fidelity_<run tag>.json (the scores), a panel per
   held-out photo."""
   out, vq_run = Path(args.out), Path(args.vq_run)
-  sr_dir = transfer_dir(out, vq_run, args.sr_steps) / "sr"
+  sr_dir = transfer_dir(out, args) / "sr"
   if not (sr_dir / "checkpoints").is_dir():
     raise SystemExit(f"{sr_dir} has no checkpoints: train it first with `run.py transfer "
-                     f"--vq-run {vq_run} --sr-steps {args.sr_steps} --skip sr_additive`.")
+                     f"--vq-run {vq_run} --sr-steps {args.sr_steps} --varsr-size "
+                     f"{args.varsr_size} --skip sr_additive`.")
   name = f"decoder_{vq_run.name}_{args.decoder_steps}"
   cfg = sr.SRTrainConfig(stage="decoder", vqvae_dir=str(vq_run), workdir=str(out / name),
                          steps=args.decoder_steps, batch_size=args.batch_size,
@@ -386,12 +403,8 @@ def cmd_fidelity(args) -> None:
                          progress=not args.no_progress)
   record = out / f"{name}.json"
   if not record.is_file():  # not tuned to the end yet (`sr.train` resumes)
-    t = time.perf_counter()
-    last = sr.train(cfg)["metrics"]
-    save_json(out, record.stem, {"train": {"wall_s": time.perf_counter() - t, "final": last,
+    save_json(out, record.stem, {"train": {**train_timed(cfg, name),
                                            "config": dataclasses.asdict(cfg)}})
-    print(f"{name}: {cfg.steps} steps in {(time.perf_counter() - t) / 60:.1f} min; last {last}",
-          flush=True)
   result = {"vq_run": str(vq_run), "sr_run": str(sr_dir), "decoder_run": cfg.workdir,
             "decoder_train": json.loads(record.read_text())["train"]}
   original, tuned = sr.load_sr(sr_dir), sr.load_sr(sr_dir, decoder=cfg.workdir)
@@ -402,23 +415,31 @@ def cmd_fidelity(args) -> None:
               MAIN + TUNED + T0: (tuned, t0),
               "VARSR (no refiner, CFG off)" + TUNED: (tuned, dict(refine=False)),
               "VARSR (refiner, CFG 2)" + TUNED + T0: (tuned, dict(cfg=2.0, **t0)),
-              MAIN + TUNED + T0 + SE: (tuned, dict(self_ensemble=True, **t0))}
+              MAIN + TUNED + T0 + SE: (tuned, dict(self_ensemble=True, **t0)),
+              MAIN + TUNED + T0 + WAV: (tuned, dict(color_fix="wavelet", **t0))}
   if (out / "cnn" / "checkpoints").is_dir():
     cnn = sr.load_sr(out / "cnn")
     variants.update({CNN: (cnn, dict()), CNN + SE: (cnn, dict(self_ensemble=True))})
   result.update(score_heldout(variants, {"": original, TUNED: tuned}, args,
-                              prefix=f"varsr_fidelity_{vq_run.name}_{args.sr_steps}",
+                              prefix=f"varsr_fidelity_{run_tag(args)}",
                               panel={"VARSR": MAIN, "tuned, T 0": MAIN + TUNED + T0}))
-  save_json(out, f"fidelity_{vq_run.name}_{args.sr_steps}", result)
+  # is the gap to bicubic a generalisation gap? The best decoding on the training photos
+  train_photos = [n for n in images.SKIMAGE_PHOTOS if n not in images.HELD_OUT_PHOTOS]
+  print(f"on the training photos {train_photos}, one fresh degradation each:", flush=True)
+  result["train_photos"] = score_heldout(
+      {k: variants[k] for k in (MAIN + TUNED + T0, CNN) if k in variants}, {}, args,
+      panel=None, prefix="", photos=train_photos, seeds=1)
+  save_json(out, f"fidelity_{run_tag(args)}", result)
 
 
 def plot_transfer(out: Path, vq_name: str, path: Path) -> None:
-  """Held-out PSNR against SR training steps for every `transfer` run on one tokenizer, with
-  bicubic and the tokenizer's two ceilings as horizontal lines."""
+  """Held-out PSNR against SR training steps for every `transfer` run of the "small" VARSR on one
+  tokenizer, with bicubic and the tokenizer's two ceilings as horizontal lines."""
   runs = []
   for f in out.glob(f"transfer_{vq_name}_*.json"):
     r = json.loads(f.read_text())
-    runs.append((r["sr_steps"], r["mean"]))
+    if r.get("varsr_size", "small") == "small":
+      runs.append((r["sr_steps"], r["mean"]))
   if not runs:
     return
   runs.sort(key=lambda t: t[0])
@@ -566,11 +587,17 @@ def main(argv=None):
                  help="lr-use: more SR run directories to probe beside the `train` ones")
   p.add_argument("--vq-run", default="runs/varsr/vq_4200",
                  help="transfer, fidelity: the tokenizer run to train the SR models on / tune")
+  p.add_argument("--varsr-size", default="small", choices=sorted(sr.VARSR_SIZES),
+                 help="transfer, fidelity: VARSR transformer size of the sr-stage runs (the "
+                 "page's other commands use small)")
   p.add_argument("--decoder-steps", type=int, default=3000, help="fidelity: decoder tuning steps")
   p.add_argument("--decoder-lr", type=float, default=3e-4,
                  help="fidelity: the decoder's peak learning rate")
   p.add_argument("--no-progress", action="store_true")
   args = p.parse_args(argv)
+  if args.varsr_size != "small" and args.exp not in ("transfer", "fidelity"):
+    p.error(f"--varsr-size is for transfer and fidelity (their runs are named by size); "
+            f"{args.exp} uses the page's small runs.")
   t, c = time.perf_counter(), _cpu_seconds()
   for exp in (("train", "eval", "timing") if args.exp == "all" else (args.exp,)):
     {"train": cmd_train, "eval": cmd_eval, "timing": cmd_timing, "ceiling": cmd_ceiling,
