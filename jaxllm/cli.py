@@ -243,7 +243,8 @@ def cmd_sr_upscale(args) -> int:
   out = sr.upscale_image(model, lr, args.scale, seed=args.seed, cfg=args.cfg, top_k=args.top_k,
                          top_p=args.top_p, temperature=args.temperature,
                          refine=not args.no_refine, refiner_steps=args.refiner_steps,
-                         self_ensemble=args.self_ensemble, color_fix=args.color_fix)
+                         self_ensemble=args.self_ensemble, color_fix=args.color_fix,
+                         mbr_tokens=args.mbr_tokens)
   images.save_image(args.output, out)
   out = images.to_uint8(out).astype("float32") / 255.0  # metrics describe the file as written
   result = {"output": str(args.output), "size": list(out.shape[:2])}
@@ -317,6 +318,9 @@ def _add_sr_parser(sub) -> None:
   u.add_argument("--decoder", default=None, metavar="DIR",
                  help="a `--stage decoder` run tuned from this checkpoint's VQ-VAE: decode with it")
   u.add_argument("--no-refine", action="store_true", help="skip the diffusion refiner")
+  u.add_argument("--mbr-tokens", action="store_true",
+                 help="tokens nearest the expected code vector (minimum Bayes risk in code "
+                 "space) instead of greedy / sampled ones: higher PSNR without the refiner")
   u.add_argument("--self-ensemble", action="store_true",
                  help="average over the 8 flips / rotations of the input (8x the time)")
   u.add_argument("--refiner-steps", type=int, default=None)

@@ -183,6 +183,12 @@ def test_decoder_stage_keeps_the_tokens_and_decodes_for_the_sr_run(runs, capsys)
   np.testing.assert_allclose(images.load_image(runs["root"] / "w.png"),
                              np.clip(np.asarray(want), 0, 1), atol=1 / 255)
   assert np.abs(plain - outs[1]).max() > 1e-3  # AdaIN did change the colours
+  # --mbr-tokens reaches the sampler (what it emits is tested in test_var.py)
+  mbr = sr.upscale_image(model, lr, 4, mbr_tokens=True, refine=False)
+  assert cli.main(["sr", "upscale", str(runs["root"] / "dlr.png"), str(runs["root"] / "m.png"),
+                   "--scale", "4", "--ckpt", str(runs["sr"]), "--decoder", str(dec),
+                   "--mbr-tokens", "--no-refine"]) == 0
+  np.testing.assert_allclose(images.load_image(runs["root"] / "m.png"), mbr, atol=1 / 255)
   with pytest.raises(ValueError, match="choose one of"):
     sr.upscale_image(model, lr, 4, color_fix="wavelets")
   # a decoder tuned from another tokenizer (here: the encoder moved) would mis-decode: refused

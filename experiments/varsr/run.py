@@ -377,7 +377,7 @@ def cmd_transfer(args) -> None:
 
 
 TUNED, T0, SE = ", tuned decoder", ", refiner temperature 0", ", self-ensemble x8"
-WAV = ", wavelet colour fix"
+WAV, MBR = ", wavelet colour fix", ", MBR tokens"
 
 
 def cmd_fidelity(args) -> None:
@@ -385,7 +385,8 @@ def cmd_fidelity(args) -> None:
   tokenizer `--vq-run` tuned alone for `--decoder-steps` (`jaxllm sr train --stage decoder`:
   MSE, encoder and codebook frozen, so the tokens do not change), the refiner sampled at
   temperature 1 (VARSR's) and 0 (the sampler's mean path), and the geometric self-ensemble
-  (also for the page's CNN, if trained), and StableSR's wavelet colour fix instead of AdaIN;
+  (also for the page's CNN, if trained), StableSR's wavelet colour fix instead of AdaIN, and
+  minimum-Bayes-risk tokens (`upscale --mbr-tokens`) with and without the refiner;
   then the best decoding and the CNN on the training photos (one fresh degradation each), to
   tell a generalisation gap from a fitting one; -> <out>/decoder_<vq run>_<steps>.json (the
   tuning record, kept on reruns), <out>/fidelity_<run tag>.json (the scores), a panel per
@@ -416,7 +417,10 @@ def cmd_fidelity(args) -> None:
               "VARSR (no refiner, CFG off)" + TUNED: (tuned, dict(refine=False)),
               "VARSR (refiner, CFG 2)" + TUNED + T0: (tuned, dict(cfg=2.0, **t0)),
               MAIN + TUNED + T0 + SE: (tuned, dict(self_ensemble=True, **t0)),
-              MAIN + TUNED + T0 + WAV: (tuned, dict(color_fix="wavelet", **t0))}
+              MAIN + TUNED + T0 + WAV: (tuned, dict(color_fix="wavelet", **t0)),
+              "VARSR (no refiner, CFG off)" + TUNED + MBR: (tuned, dict(refine=False,
+                                                                         mbr_tokens=True)),
+              MAIN + TUNED + T0 + MBR: (tuned, dict(mbr_tokens=True, **t0))}
   if (out / "cnn" / "checkpoints").is_dir():
     cnn = sr.load_sr(out / "cnn")
     variants.update({CNN: (cnn, dict()), CNN + SE: (cnn, dict(self_ensemble=True))})

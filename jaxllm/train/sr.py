@@ -557,7 +557,7 @@ def upscale_image(sr: SRModel | CNNModel, lr: np.ndarray, scale: int, *, seed: i
                   temperature: float = 1.0, refine: bool = True,
                   refiner_steps: int | None = None, overlap: int | None = None,
                   batch: int = 4, self_ensemble: bool = False,
-                  color_fix: str = "adain") -> np.ndarray:
+                  color_fix: str = "adain", mbr_tokens: bool = False) -> np.ndarray:
   """LR image [h, w, 3] in [0, 1] (any size >= half a tile) -> SR [h s, w s, 3] in [0, 1].
 
   cfg=None: positive quality label only; a number: image-based CFG against the negative label,
@@ -568,8 +568,10 @@ def upscale_image(sr: SRModel | CNNModel, lr: np.ndarray, scale: int, *, seed: i
   higher PSNR, blurrier). `color_fix` (VARSR only): "adain" matches each tile's channel means
   and stds to its bicubic LR (VARSR's), "wavelet" puts the whole image's detail bands on the
   bicubic LR's low-frequency residual (`varsr.wavelet_color_fix`), "none" keeps the decoder's
-  colours. A `CNNModel` runs on the whole image at once; the sampling and colour options do not
-  apply to it, and a cfg raises."""
+  colours. `mbr_tokens`: each scale's tokens are the codes nearest the expected code vector
+  under the model's distribution (`varsr.mbr_tokens_from_logits`) instead of draws. A `CNNModel`
+  runs on the whole image at once; the sampling and colour options do not apply to it, and a
+  cfg raises."""
   if color_fix not in COLOR_FIXES:
     raise ValueError(f"color_fix={color_fix!r}: choose one of {COLOR_FIXES}.")
   lr = images.to_rgb(lr)
@@ -590,7 +592,7 @@ def upscale_image(sr: SRModel | CNNModel, lr: np.ndarray, scale: int, *, seed: i
   fn = varsr_lib.make_upscaler(sr.model, sr.params, sr.vqvae, sr.vq_params, seed=seed, cfg=cfg,
                                top_k=top_k, top_p=top_p, temperature=temperature, refine=refine,
                                refiner_steps=refiner_steps if refine else None,
-                               color_fix=color_fix == "adain")
+                               color_fix=color_fix == "adain", mbr_tokens=mbr_tokens)
   overlap = max(sr.tile // 8, 1) if overlap is None else overlap
   def run(x):
     out = varsr_lib.upscale_tiled(fn, x, sr.tile, scale, overlap=overlap, batch=batch)

@@ -346,12 +346,17 @@ def varsr_loss_fn(model: VARSR, vqvae, vq_params):
 
 def upscale(model: VARSR, params, vqvae, vq_params, lr_BhW3, rng, *, cfg: float | None = 6.0,
             top_k: int = 1, top_p: float = 0.75, temperature: float = 1.0,
-            refine: bool = True, refiner_steps: int | None = None) -> dict[str, Any]:
+            refine: bool = True, refiner_steps: int | None = None,
+            mbr_tokens: bool = False) -> dict[str, Any]:
   """LR [B, h, w, 3] in [-1, 1] -> {"f_hat", "idx", "logits"} (decode with `decode`).
 
   cfg=None: positive quality label only; a number: image-based CFG against the negative label,
   t = cfg k / (K - 1) (the refiner uses the final scale's guidance). Defaults follow VARSR's test
   decoding (cfg 6, top_k 1, top_p 0.75, 10 refiner steps).
+
+  mbr_tokens (ours, for fidelity): each scale's tokens are `mbr_tokens_from_logits` of its
+  (guided) logits, the code nearest the expected code vector, instead of a draw (top_k,
+  top_p and temperature then apply to the refiner only).
   """
   if refine and model.config.refiner is None:
     raise ValueError("refine=True but this VARSR config has no refiner.")
@@ -361,13 +366,14 @@ def upscale(model: VARSR, params, vqvae, vq_params, lr_BhW3, rng, *, cfg: float 
   return _upscale(model, params, vqvae, vq_params, lr_BhW3, rng,
                   jnp.asarray(0.0 if cfg is None else cfg, jnp.float32), use_cfg=cfg is not None,
                   top_k=top_k, top_p=top_p, temperature=temperature, refine=refine,
-                  refiner_steps=refiner_steps)
+                  refiner_steps=refiner_steps, mbr_tokens=mbr_tokens)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "vqvae", "use_cfg", "top_k", "top_p",
-                                             "temperature", "refine", "refiner_steps"))
+                                             "temperature", "refine", "refiner_steps",
+                                             "mbr_tokens"))
 def _upscale(model, params, vqvae, vq_params, lr, rng, cfg, *, use_cfg, top_k, top_p,
-             temperature, refine, refiner_steps):
+             temperature, refine, refiner_steps, mbr_tokens):
   c = model.config
   B = lr.shape[0]
   K = len(c.patch_nums)
@@ -391,7 +397,10 @@ def _upscale(model, params, vqvae, vq_params, lr, rng, cfg, *, use_cfg, top_k, t
     if use_cfg:
       logits = (1 + t) * logits[:B] - t * logits[B:]
     rng, k = jax.random.split(rng)
-    idx = sample_token(k, logits.reshape(B * pn * pn, -1), temperature, top_k, top_p)
+    if mbr_tokens:
+      idx = mbr_tokens_from_logits(logits.reshape(B * pn * pn, -1), vq(method="codebook"))
+    else:
+      idx = sample_token(k, logits.reshape(B * pn * pn, -1), temperature, top_k, top_p)
     idx = idx.reshape(B, pn * pn)
     idx_list.append(idx)
     logits_list.append(logits)
@@ -409,6 +418,15 @@ def _upscale(model, params, vqvae, vq_params, lr, rng, cfg, *, use_cfg, top_k, t
                             z_uncond_NC=z_u)
     f_hat = f_hat + (e + c.residual_scale * x0.reshape(B, l, c.c_vae)).reshape(f_hat.shape)
   return {"f_hat": f_hat, "idx": idx_list, "logits": jnp.concatenate(logits_list, axis=1)}
+
+
+def mbr_tokens_from_logits(logits_NV, codebook_VC):
+  """Minimum-Bayes-risk tokens under squared error in code space: for each row, the code j
+  minimising E_{i ~ softmax(logits)} ||e_j - e_i||^2 = ||e_j - e_bar||^2 + const, i.e. the
+  codebook row nearest the expected code vector e_bar = softmax(logits) @ codebook."""
+  e_bar = jax.nn.softmax(logits_NV.astype(jnp.float32), axis=-1) @ codebook_VC
+  d = jnp.sum(codebook_VC * codebook_VC, -1)[None] - 2 * e_bar @ codebook_VC.T
+  return jnp.argmin(d, axis=-1).astype(jnp.int32)
 
 
 def decode(vqvae, vq_params, f_hat, lr_BhW3=None, color_fix: bool = True):
