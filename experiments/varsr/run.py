@@ -168,6 +168,7 @@ def transfer_dir(out: Path, args) -> Path:
 VQ_TOKENS = "VQ-VAE reconstruction of HR (ceiling)"
 VQ_LATENTS = "VQ-VAE decoder, unquantised latents (perfect-refiner ceiling)"
 MAIN = "VARSR (refiner, CFG off)"
+NO_REFINER = "VARSR (no refiner, CFG off)"
 CNN = "CNN baseline (L1, same steps and FLOPs)"
 PANEL = 256  # HR side of the comparison panels' crop
 
@@ -230,7 +231,7 @@ def cmd_eval(args) -> None:
   variants = {  # name -> (model, upscale_image options)
       CNN: (sr.load_sr(out / "cnn"), dict()),
       MAIN: (main, dict()),
-      "VARSR (no refiner, CFG off)": (main, dict(refine=False)),
+      NO_REFINER: (main, dict(refine=False)),
       "VARSR (refiner, CFG 2)": (main, dict(cfg=2.0)),
       "VARSR (refiner, CFG 6)": (main, dict(cfg=6.0)),
       "ablation: learned absolute positions (refiner, CFG off)": (
@@ -358,7 +359,7 @@ def cmd_transfer(args) -> None:
       save_json(out, previous.stem, result)  # a rerun after an interruption keeps this model
     models[name] = sr.load_sr(cfg.workdir)
   variants = {MAIN: (models["sr"], dict()),
-              "VARSR (no refiner, CFG off)": (models["sr"], dict(refine=False)),
+              NO_REFINER: (models["sr"], dict(refine=False)),
               "VARSR (refiner, CFG 2)": (models["sr"], dict(cfg=2.0)),
               "VARSR (refiner, CFG 6)": (models["sr"], dict(cfg=6.0))}
   if "sr_additive" in models:
@@ -414,11 +415,11 @@ def cmd_fidelity(args) -> None:
               MAIN + T0: (original, t0),
               MAIN + TUNED: (tuned, dict()),
               MAIN + TUNED + T0: (tuned, t0),
-              "VARSR (no refiner, CFG off)" + TUNED: (tuned, dict(refine=False)),
+              NO_REFINER + TUNED: (tuned, dict(refine=False)),
               "VARSR (refiner, CFG 2)" + TUNED + T0: (tuned, dict(cfg=2.0, **t0)),
               MAIN + TUNED + T0 + SE: (tuned, dict(self_ensemble=True, **t0)),
               MAIN + TUNED + T0 + WAV: (tuned, dict(color_fix="wavelet", **t0)),
-              "VARSR (no refiner, CFG off)" + TUNED + MBR: (tuned, dict(refine=False,
+              NO_REFINER + TUNED + MBR: (tuned, dict(refine=False,
                                                                          mbr_tokens=True)),
               MAIN + TUNED + T0 + MBR: (tuned, dict(mbr_tokens=True, **t0))}
   if (out / "cnn" / "checkpoints").is_dir():
@@ -428,11 +429,11 @@ def cmd_fidelity(args) -> None:
                               prefix=f"varsr_fidelity_{run_tag(args)}",
                               panel={"VARSR": MAIN, "tuned, T 0": MAIN + TUNED + T0}))
   # is the gap to bicubic a generalisation gap? The best decoding on the training photos
-  train_photos = [n for n in images.SKIMAGE_PHOTOS if n not in images.HELD_OUT_PHOTOS]
-  print(f"on the training photos {train_photos}, one fresh degradation each:", flush=True)
+  print(f"on the training photos {list(images.TRAIN_PHOTOS)}, one fresh degradation each:",
+        flush=True)
   result["train_photos"] = score_heldout(
       {k: variants[k] for k in (MAIN + TUNED + T0, CNN) if k in variants}, {}, args,
-      panel=None, prefix="", photos=train_photos, seeds=1)
+      panel=None, prefix="", photos=images.TRAIN_PHOTOS, seeds=1)
   save_json(out, f"fidelity_{run_tag(args)}", result)
 
 

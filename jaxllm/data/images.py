@@ -26,6 +26,7 @@ import numpy as np
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left",
                   "motorcycle_right", "hubble_deep_field", "retina", "immunohistochemistry")
 HELD_OUT_PHOTOS = ("chelsea", "motorcycle_right")
+TRAIN_PHOTOS = tuple(n for n in SKIMAGE_PHOTOS if n not in HELD_OUT_PHOTOS)
 
 
 def to_rgb(img) -> np.ndarray:
@@ -176,7 +177,7 @@ def random_crop(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndar
 
 def train_photos() -> list[np.ndarray]:
   """The embedded photos minus the held-out ones (`HELD_OUT_PHOTOS` are never trained on)."""
-  return [skimage_photo(n) for n in SKIMAGE_PHOTOS if n not in HELD_OUT_PHOTOS]
+  return [skimage_photo(n) for n in TRAIN_PHOTOS]
 
 
 def sr_dataset(photos, crop: int, degradation=None, seed: int = 0, negative_prob: float = 0.0,

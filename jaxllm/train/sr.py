@@ -293,7 +293,7 @@ def _abstract_state(model: nn.Module) -> TrainState:
 
 
 def _stage_setup(cfg: SRTrainConfig):
-  """(model, loss_fn, init_for, dataset, extra state, eval fn, run record) of a stage, where
+  """(loss_fn, init_for, dataset, extra state, eval fn, run record) of a stage, where
   `init_for(optimizer)` is the stage's jittable `init(seed) -> TrainState`."""
   photos = load_photos(cfg.data)
   if cfg.stage == "decoder":
@@ -313,7 +313,7 @@ def _stage_setup(cfg: SRTrainConfig):
 
     record = {"vqvae": dataclasses.asdict(vq_cfg)}
     init_for = functools.partial(_init_fn, model, (jnp.zeros((1, S, S, 3)),))
-    return model, loss_fn, init_for, data, None, eval_fn, record
+    return loss_fn, init_for, data, None, eval_fn, record
   if cfg.stage == "cnn":
     return _cnn_setup(cfg, photos)
   vq, vq_params = load_vqvae(cfg.vqvae_dir)
@@ -339,7 +339,7 @@ def _stage_setup(cfg: SRTrainConfig):
   record = {"vqvae": dataclasses.asdict(vq.config), "varsr": dataclasses.asdict(c),
             "vqvae_dir": str(cfg.vqvae_dir)}
   init_for = functools.partial(_init_fn, model, _varsr_example(c))
-  return model, loss_fn, init_for, data, vq_params, eval_fn, record
+  return loss_fn, init_for, data, vq_params, eval_fn, record
 
 
 def _decoder_setup(cfg: SRTrainConfig, photos):
@@ -357,7 +357,7 @@ def _decoder_setup(cfg: SRTrainConfig, photos):
     return out
 
   record = {"vqvae": dataclasses.asdict(vq.config), "vqvae_dir": str(cfg.vqvae_dir)}
-  return (vq, vqvae_lib.decoder_loss_fn(vq, vq_params), functools.partial(_init_from, start),
+  return (vqvae_lib.decoder_loss_fn(vq, vq_params), functools.partial(_init_from, start),
           data, vq_params, eval_fn, record)
 
 
@@ -380,14 +380,14 @@ def _cnn_setup(cfg: SRTrainConfig, photos):
 
   s = cfg.crop_size // cfg.scale
   init_for = functools.partial(_init_fn, model, (jnp.zeros((1, s, s, 3)),))
-  return (model, srcnn.l1_loss_fn(model), init_for, data, None, eval_fn,
+  return (srcnn.l1_loss_fn(model), init_for, data, None, eval_fn,
           {"cnn": dataclasses.asdict(c)})
 
 
 def train(cfg: SRTrainConfig) -> dict[str, Any]:
   """Trains (or resumes) one stage; returns {"state", "extra", "metrics" (last logged)}."""
   workdir = Path(cfg.workdir)
-  _, loss_fn, init_for, data, extra, eval_fn, record = _stage_setup(cfg)
+  loss_fn, init_for, data, extra, eval_fn, record = _stage_setup(cfg)
   ocfg = OptimConfig(lr=cfg.lr, schedule="warmup_cosine", warmup_steps=cfg.warmup_steps,
                      weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
   optimizer = make_optimizer(ocfg, cfg.steps)
@@ -447,7 +447,7 @@ def train(cfg: SRTrainConfig) -> dict[str, Any]:
 def train_step_flops(cfg: SRTrainConfig) -> float:
   """FLOPs of one optimizer step of a stage at `cfg.batch_size`: XLA's cost analysis of the
   lowered train step (the frozen VQ-VAE's tokenisation included for the sr stage)."""
-  _, loss_fn, init_for, data, _, _, _ = _stage_setup(cfg)
+  loss_fn, init_for, data, _, _, _ = _stage_setup(cfg)
   optimizer = make_optimizer(OptimConfig(lr=cfg.lr, schedule="constant"), cfg.steps)
   state = jax.eval_shape(init_for(optimizer), 0)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in data[0].items()}
@@ -582,23 +582,24 @@ def upscale_image(sr: SRModel | CNNModel, lr: np.ndarray, scale: int, *, seed: i
                        "no quality label): drop --cfg.")
     def run(x):
       return (np.asarray(_cnn_apply(sr.model, sr.params, jnp.asarray(x)[None] * 2 - 1)[0]) + 1) / 2
-    out = images.self_ensemble(run, lr) if self_ensemble else run(lr)
-    return np.clip(out, 0, 1)
-  if cfg is not None and not sr.run["train"].get("negative_prob", 0):
-    raise ValueError("this checkpoint never saw negative-quality (class 1) examples, so image "
-                     "CFG has nothing to guide against: drop --cfg, or retrain the sr stage with "
-                     "--negative-prob 0.1.")
-  refine = refine and sr.config.refiner is not None
-  fn = varsr_lib.make_upscaler(sr.model, sr.params, sr.vqvae, sr.vq_params, seed=seed, cfg=cfg,
-                               top_k=top_k, top_p=top_p, temperature=temperature, refine=refine,
-                               refiner_steps=refiner_steps if refine else None,
-                               color_fix=color_fix == "adain", mbr_tokens=mbr_tokens)
-  overlap = max(sr.tile // 8, 1) if overlap is None else overlap
-  def run(x):
-    out = varsr_lib.upscale_tiled(fn, x, sr.tile, scale, overlap=overlap, batch=batch)
-    if color_fix == "wavelet":
-      out = _wavelet_fix(jnp.asarray(out)[None], jnp.asarray(bicubic_upscale(x, scale))[None])[0]
-    return np.asarray(out)
+  else:
+    if cfg is not None and not sr.run["train"].get("negative_prob", 0):
+      raise ValueError("this checkpoint never saw negative-quality (class 1) examples, so image "
+                       "CFG has nothing to guide against: drop --cfg, or retrain the sr stage "
+                       "with --negative-prob 0.1.")
+    refine = refine and sr.config.refiner is not None
+    fn = varsr_lib.make_upscaler(sr.model, sr.params, sr.vqvae, sr.vq_params, seed=seed,
+                                 cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
+                                 refine=refine, refiner_steps=refiner_steps if refine else None,
+                                 color_fix=color_fix == "adain", mbr_tokens=mbr_tokens)
+    overlap = max(sr.tile // 8, 1) if overlap is None else overlap
+
+    def run(x):
+      out = varsr_lib.upscale_tiled(fn, x, sr.tile, scale, overlap=overlap, batch=batch)
+      if color_fix == "wavelet":
+        out = _wavelet_fix(jnp.asarray(out)[None],
+                           jnp.asarray(bicubic_upscale(x, scale))[None])[0]
+      return np.asarray(out)
   out = images.self_ensemble(run, lr) if self_ensemble else run(lr)
   return np.clip(out, 0, 1)
 
