@@ -9,6 +9,7 @@
     jaxllm sr train --stage vqvae --workdir runs/vq             # super-resolution, stage 1
     jaxllm sr train --stage sr --vqvae runs/vq --workdir runs/sr   # stage 2 (VARSR)
     jaxllm sr train --stage cnn --workdir runs/cnn              # regression-CNN baseline
+    jaxllm sr train --stage cfw --sr-run runs/sr --workdir runs/cfw  # LR-fused decoder
     jaxllm sr upscale in.png out.png --scale 4 --ckpt runs/sr --compare side_by_side.png
 """
 
@@ -215,7 +216,8 @@ def cmd_sr_train(args) -> int:
       stage=args.stage, workdir=args.workdir, vqvae_preset=args.vqvae_preset,
       varsr_preset=args.varsr_preset, cnn_preset=args.cnn_preset, vqvae_dir=args.vqvae,
       vqvae_overrides=args.vqvae_set, varsr_overrides=args.varsr_set,
-      cnn_overrides=args.cnn_set, crop_size=args.crop_size, data=args.data, scale=args.scale,
+      cnn_overrides=args.cnn_set, cfw_overrides=args.cfw_set, sr_dir=args.sr_run,
+      decoder_dir=args.decoder, crop_size=args.crop_size, data=args.data, scale=args.scale,
       degradation=args.degradation, negative_prob=args.negative_prob, steps=args.steps,
       batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
       log_every=args.log_every, save_every=args.save_every, progress=not args.no_progress)
@@ -244,7 +246,7 @@ def cmd_sr_upscale(args) -> int:
                          top_p=args.top_p, temperature=args.temperature,
                          refine=not args.no_refine, refiner_steps=args.refiner_steps,
                          self_ensemble=args.self_ensemble, color_fix=args.color_fix,
-                         mbr_tokens=args.mbr_tokens)
+                         mbr_tokens=args.mbr_tokens, cfw_weight=args.cfw_weight)
   images.save_image(args.output, out)
   out = images.to_uint8(out).astype("float32") / 255.0  # metrics describe the file as written
   result = {"output": str(args.output), "size": list(out.shape[:2])}
@@ -270,11 +272,16 @@ def _add_sr_parser(sub) -> None:
   s = sub.add_parser("sr", help="image super-resolution: train the VQ-VAE / VARSR / CNN, upscale")
   sr_sub = s.add_subparsers(dest="sr_command", required=True)
   t = sr_sub.add_parser("train", help="train (or resume) one stage: --stage vqvae, then sr; "
-                        "the cnn baseline; or --stage decoder (tune a VQ-VAE's decoder only)")
-  t.add_argument("--stage", required=True, choices=["vqvae", "decoder", "sr", "cnn"])
+                        "the cnn baseline; --stage decoder (tune a VQ-VAE's decoder only); "
+                        "--stage cfw (StableSR's LR-fused decoder for a trained sr run)")
+  t.add_argument("--stage", required=True, choices=["vqvae", "decoder", "sr", "cnn", "cfw"])
   t.add_argument("--workdir", required=True, help="run directory (resumed if it exists)")
   t.add_argument("--vqvae", default=None, metavar="DIR",
                  help="sr and decoder stages: the VQ-VAE run")
+  t.add_argument("--sr-run", default=None, metavar="DIR",
+                 help="cfw stage: the sr-stage run whose outputs it learns to correct")
+  t.add_argument("--decoder", default=None, metavar="DIR",
+                 help="cfw stage: a --stage decoder run of the sr run's VQ-VAE to decode with")
   t.add_argument("--vqvae-preset", default="small", help="tiny | small | var_f16 | varsr_f16")
   t.add_argument("--varsr-preset", default="small", help="VARSR size: tiny | small | medium")
   t.add_argument("--cnn-preset", default="small", help="cnn stage: tiny | small")
@@ -282,6 +289,8 @@ def _add_sr_parser(sub) -> None:
   t.add_argument("--varsr-set", nargs="*", default=[], metavar="FIELD=JSON",
                  help="e.g. positions=learned conditioning=additive (the ablations)")
   t.add_argument("--cnn-set", nargs="*", default=[], metavar="FIELD=JSON")
+  t.add_argument("--cfw-set", nargs="*", default=[], metavar="FIELD=JSON",
+                 help="cfw stage, e.g. levels=[1,2] blocks=2")
   t.add_argument("--crop-size", type=int, default=64,
                  help="cnn stage: HR crop side (the sr stage uses the VQ-VAE's image size)")
   t.add_argument("--data", default="skimage",
@@ -304,7 +313,7 @@ def _add_sr_parser(sub) -> None:
   u.add_argument("output", help="where to write the SR image (PNG recommended)")
   u.add_argument("--scale", type=int, required=True, help="must be the checkpoint's scale")
   u.add_argument("--ckpt", required=True, metavar="DIR",
-                 help="a `jaxllm sr train --stage sr` (or --stage cnn) run")
+                 help="a `jaxllm sr train --stage sr` (or --stage cnn, --stage cfw) run")
   u.add_argument("--compare", default=None, metavar="PNG",
                  help="also write LR | bicubic | ours | HR side by side")
   u.add_argument("--hr", default=None, help="ground-truth HR image: PSNR/SSIM, and a panel")
@@ -317,6 +326,9 @@ def _add_sr_parser(sub) -> None:
                  "with --top-k > 1, the token logits")
   u.add_argument("--decoder", default=None, metavar="DIR",
                  help="a `--stage decoder` run tuned from this checkpoint's VQ-VAE: decode with it")
+  u.add_argument("--cfw-weight", type=float, default=None, metavar="W",
+                 help="cfw-stage runs: StableSR's fidelity weight in [0, 1] (default 1; 0 is the "
+                 "plain decoder)")
   u.add_argument("--no-refine", action="store_true", help="skip the diffusion refiner")
   u.add_argument("--mbr-tokens", action="store_true",
                  help="tokens nearest the expected code vector (minimum Bayes risk in code "

@@ -5,7 +5,8 @@ The tiny VQ-VAE and VARSR overfit the two crops (teacher-forced token accuracy ~
 upscaling a degraded LR of each crop must beat bicubic upsampling of the same LR in PSNR, with the
 PSNR computed independently here (scikit-image's `peak_signal_noise_ratio` on the Y channel).
 The regression-CNN baseline (`--stage cnn`) trained on the same crops must beat bicubic the same
-way. Then the bad inputs: a scale the checkpoint was not trained for, an image below the minimum
+way. The decoder and cfw stages are checked against the sr run they decode for. Then the bad
+inputs: a scale the checkpoint was not trained for, an image below the minimum
 size, a missing run, a run of the wrong stage, a bad ablation value, CFG asked of the CNN, and
 grayscale / RGBA files (converted, with a note).
 """
@@ -204,6 +205,57 @@ def test_decoder_stage_keeps_the_tokens_and_decodes_for_the_sr_run(runs, capsys)
                      *argv]) == 2
     assert message in capsys.readouterr().err, argv
   assert not (runs["root"] / "e.png").exists()
+
+
+def test_cfw_stage_fuses_the_lr_and_weight_zero_is_the_sr_run(runs, capsys):
+  """`--stage cfw` trains StableSR's fusion into the frozen decoder on what the sr run generates:
+  its fused decode beats the plain one on the training batches; its checkpoint holds the sr run's
+  decoder bit-for-bit; `upscale --cfw-weight 0` reproduces the sr run exactly, weight 1 moves
+  it; and the wrong uses get clear errors."""
+  from jaxllm.models.var import vqvae as vqm
+  from jaxllm.train import sr
+  cfw_dir = runs["root"] / "cfw"
+  assert cli.main(["sr", "train", "--stage", "cfw", "--sr-run", str(runs["sr"]), "--workdir",
+                   str(cfw_dir), "--data", str(runs["data"]), "--steps", "60", "--batch-size",
+                   "4", "--lr", "1e-3", "--warmup-steps", "5", "--log-every", "30",
+                   "--no-progress"]) == 0
+  metrics = [json.loads(line) for line in (cfw_dir / "metrics.jsonl").read_text().splitlines()]
+  assert metrics[-1]["step"] == 60
+  assert metrics[-1]["psnr_cfw"] > metrics[-1]["psnr_plain"] + 0.3, metrics[-1]
+  base, fused = sr.load_sr(runs["sr"]), sr.load_sr(cfw_dir)
+  for k in vqm.DECODER_PARAMS:
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base.vq_params[k]),
+                                                     jax.tree.leaves(fused.cfw[1][k])))
+  _, lr = deg.degrade(images.load_image(runs["data"] / "crop1.png"), 100, deg.varsr_x4())
+  images.save_image(runs["root"] / "clr.png", lr)
+  plain = sr.upscale_image(base, lr, 4, temperature=0.0)
+  np.testing.assert_allclose(sr.upscale_image(fused, lr, 4, temperature=0.0, cfw_weight=0.0),
+                             plain, atol=1e-6)
+  full = sr.upscale_image(fused, lr, 4, temperature=0.0)  # default weight 1
+  assert np.abs(full - plain).max() > 1e-3
+  capsys.readouterr()
+  assert cli.main(["sr", "upscale", str(runs["root"] / "clr.png"), str(runs["root"] / "c.png"),
+                   "--scale", "4", "--ckpt", str(cfw_dir), "--temperature", "0"]) == 0
+  np.testing.assert_allclose(images.load_image(runs["root"] / "c.png"), full, atol=1 / 255)
+  for ckpt, argv, message in [
+      (runs["sr"], ["--cfw-weight", "0.5"], "cfw_weight is for cfw-stage runs"),
+      (cfw_dir, ["--cfw-weight", "-1"], "must be >= 0"),
+      (cfw_dir, ["--decoder", str(runs["vq"])], "decodes with its own"),
+  ]:
+    assert cli.main(["sr", "upscale", str(runs["root"] / "clr.png"), str(runs["root"] / "e.png"),
+                     "--scale", "4", "--ckpt", str(ckpt), *argv]) == 2
+    assert message in capsys.readouterr().err, argv
+  assert cli.main(["sr", "train", "--stage", "cfw", "--workdir", str(runs["root"] / "x"),
+                   "--data", str(runs["data"])]) == 2
+  assert "pass --sr-run DIR" in capsys.readouterr().err
+  # a cfw run is tied to the generator it was trained on: a changed sr run is refused
+  record = json.loads((cfw_dir / "config.json").read_text())
+  (cfw_dir / "config.json").write_text(json.dumps({**record, "generator_digest": "0" * 64}))
+  try:
+    with pytest.raises(ValueError, match="has changed since"):
+      sr.load_sr(cfw_dir)
+  finally:
+    (cfw_dir / "config.json").write_text(json.dumps(record))
 
 
 def test_upscale_bad_input_gets_a_clear_error(runs, capsys, tmp_path):

@@ -437,3 +437,44 @@ def test_varsr_additive_conditioning_pools_the_lr_map_into_every_scale(tiny_sr_a
   assert np.isfinite(float(loss))
   for name in ("lr_encoder", "refiner"):
     assert float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(grads[name]))) > 0, name
+
+
+def test_cfw_decoder_starts_as_and_at_w0_is_the_plain_decoder():
+  """StableSR's CFW (`cfw.CFWDecoder`): with zero-initialised fusions it is the VQ-VAE decoder
+  for every w; with trained (here random) fusions it is still exactly the decoder at w = 0 and
+  differs at w > 0; its LR encoder's level features are the VQ-VAE encoder's own intermediate
+  res-block outputs (flax's captured intermediates, an independent path)."""
+  from jaxllm.models.var import cfw as cfwm
+  cfg = vqm.tiny()
+  S = cfg.image_size
+  vq = vqm.VQVAE(cfg)
+  vp = np_init(vq, jnp.zeros((1, S, S, 3)), seed=3)
+  m = cfwm.CFWDecoder(cfg)
+  p = cfwm.init_params(m, vp)
+  rng = np.random.default_rng(0)
+  f = jnp.asarray(rng.normal(size=(2, 8, 8, cfg.c_vae)), jnp.float32)
+  lr = jnp.asarray(rng.uniform(-1, 1, (2, S // 4, S // 4, 3)), jnp.float32)
+  plain = vq.apply({"params": vp}, f, method="decode_fhat")
+  for w in (0.0, 1.0):
+    np.testing.assert_array_equal(m.apply({"params": p}, f, lr, w), plain)
+  trained, frozen = cfwm.split(p)
+  assert sorted(frozen) == sorted(vqm.DECODER_PARAMS)
+  assert sorted(trained) == ["fuse_0", "fuse_1", "lr_encoder"]  # all levels but the lowest
+  noisy = {**frozen, **jax.tree.map(lambda x: x + 0.05 * jnp.asarray(
+      rng.normal(size=x.shape), x.dtype), trained)}
+  np.testing.assert_allclose(m.apply({"params": noisy}, f, lr, 0.0), plain, atol=1e-6)
+  assert float(jnp.abs(m.apply({"params": noisy}, f, lr, 1.0) - plain).max()) > 1e-2
+  # level features: the encoder's last res-block output per level, at 1, 1/2, 1/4 resolution
+  up = vqm.resize(lr, S, "bicubic")
+  feats = m.apply({"params": p}, up, True, method=lambda mod, x, fo: mod.lr_encoder(
+      x, features_only=fo))
+  _, inter = vq.apply({"params": vp}, up, method="features", capture_intermediates=True)
+  enc = inter["intermediates"]["encoder"]
+  last = cfg.num_res_blocks - 1
+  for i, feat in enumerate(feats):
+    assert feat.shape == (2, S >> i, S >> i, cfg.ch * cfg.ch_mult[i])
+    np.testing.assert_allclose(feat, enc[f"down_{i}_block_{last}"]["__call__"][0], atol=1e-6)
+  with pytest.raises(ValueError, match="levels 0..2"):
+    cfwm.CFWConfig(levels=(3,)).fused(cfg)
+  with pytest.raises(ValueError, match="side divides"):
+    m.apply({"params": p}, f, lr[:, :5], 1.0)

@@ -61,3 +61,15 @@ def test_size_overrides_reach_the_refiner_and_small_runs_keep_their_names():
   assert run.transfer_dir(Path("runs/varsr"), args) == Path("runs/varsr/on_vq_4200_4800")
   args.varsr_size = "medium"
   assert run.run_tag(args) == "vq_4200_4800_medium"
+
+
+def test_cfw_command_names_its_runs_and_asks_for_missing_ones(tmp_path):
+  args = run.argparse.Namespace(out="runs/varsr", vq_run="runs/varsr/vq_4200", sr_steps=4800,
+                                varsr_size="small", decoder_steps=3000)
+  assert run.decoder_run(args) == Path("runs/varsr/decoder_vq_4200_3000")  # fidelity's run
+  args.out = str(tmp_path)
+  with pytest.raises(SystemExit, match="run `run.py transfer`"):
+    run.cmd_cfw(args)
+  (tmp_path / "on_vq_4200_4800" / "sr" / "checkpoints").mkdir(parents=True)
+  with pytest.raises(SystemExit, match="run `run.py fidelity`"):
+    run.cmd_cfw(args)

@@ -32,6 +32,11 @@ fidelity the transfer model (--sr-steps) decoded for PSNR: with its tokenizer's 
         alone (--decoder-steps, MSE; encoder and codebook frozen, so the tokens and the transfer
         model trained on them stay valid), the refiner at temperature 1 and 0, and the x8
         geometric self-ensemble (also of the CNN); scored like `eval`.
+cfw     StableSR's controllable feature wrapping for the fidelity model: an encoder of the
+        bicubic LR fused into the tuned decoder (frozen), trained (--cfw-steps, MSE) on what the
+        transfer model generates (greedy tokens, refiner at temperature 0); scored like `eval`
+        at fidelity weights --cfw-weights (0 = the fidelity page's best decoding), on the
+        held-out and the training photos; decode time with and without it.
 timing  one jitted generation (KV cache; refiner on and off; no CFG) against one jitted
         teacher-forced forward of the same sequence, same batch, same process, best of 10; for the
         trained models, then for random-init models with 4 to 8 scales (final grid 8 x 8) and
@@ -398,7 +403,7 @@ def cmd_fidelity(args) -> None:
     raise SystemExit(f"{sr_dir} has no checkpoints: train it first with `run.py transfer "
                      f"--vq-run {vq_run} --sr-steps {args.sr_steps} --varsr-size "
                      f"{args.varsr_size} --skip sr_additive`.")
-  name = f"decoder_{vq_run.name}_{args.decoder_steps}"
+  name = decoder_run(args).name
   cfg = sr.SRTrainConfig(stage="decoder", vqvae_dir=str(vq_run), workdir=str(out / name),
                          steps=args.decoder_steps, batch_size=args.batch_size,
                          lr=args.decoder_lr, scale=SCALE, seed=0, log_every=50,
@@ -435,6 +440,72 @@ def cmd_fidelity(args) -> None:
       {k: variants[k] for k in (MAIN + TUNED + T0, CNN) if k in variants}, {}, args,
       panel=None, prefix="", photos=images.TRAIN_PHOTOS, seeds=1)
   save_json(out, f"fidelity_{run_tag(args)}", result)
+
+
+def decoder_run(args) -> Path:
+  """The decoder-stage run `fidelity` tunes for `--vq-run` and `--decoder-steps`."""
+  return Path(args.out) / f"decoder_{Path(args.vq_run).name}_{args.decoder_steps}"
+
+
+def cmd_cfw(args) -> None:
+  """StableSR's CFW (`jaxllm sr train --stage cfw`) for the transfer model (`--sr-steps`,
+  `--varsr-size`) with `fidelity`'s tuned decoder: trained `--cfw-steps`, scored at each of
+  `--cfw-weights` (w 0 is the tuned decoder alone), then the plain and the fused decode timed
+  against one generation; -> <out>/cfw_<tag>_<steps>.json (training record, kept on reruns),
+  <out>/cfw_scores_<tag>_<steps>.json, a panel per held-out photo."""
+  out = Path(args.out)
+  sr_dir, dec = transfer_dir(out, args) / "sr", decoder_run(args)
+  for need, how in ((sr_dir, "transfer"), (dec, "fidelity")):
+    if not (need / "checkpoints").is_dir():
+      raise SystemExit(f"{need} has no checkpoints: run `run.py {how}` with the same --vq-run, "
+                       "--sr-steps and --varsr-size first.")
+  name = f"cfw_{run_tag(args)}_{args.cfw_steps}"
+  cfg = sr.SRTrainConfig(stage="cfw", sr_dir=str(sr_dir), decoder_dir=str(dec),
+                         workdir=str(out / name), steps=args.cfw_steps,
+                         batch_size=args.batch_size, lr=args.cfw_lr, scale=SCALE, seed=0,
+                         log_every=50, progress=not args.no_progress)
+  record = out / f"{name}.json"
+  if not record.is_file():  # not trained to the end yet (`sr.train` resumes)
+    save_json(out, name, {"train": {**train_timed(cfg, name), "config": dataclasses.asdict(cfg),
+                                    "gflop_per_step": sr.train_step_flops(cfg) / 1e9}})
+  result = {"sr_run": str(sr_dir), "decoder_run": str(dec), "cfw_run": cfg.workdir,
+            "cfw_train": json.loads(record.read_text())["train"]}
+  tuned, fused = sr.load_sr(sr_dir, decoder=dec), sr.load_sr(cfg.workdir)
+  t0 = dict(temperature=0.0)
+  best = MAIN + TUNED + T0
+  variants = {best: (tuned, t0)}
+  for w in args.cfw_weights:
+    variants[f"{best}, CFW w {w:g}"] = (fused, dict(cfw_weight=w, **t0))
+  if (out / "cnn" / "checkpoints").is_dir():
+    variants[CNN] = (sr.load_sr(out / "cnn"), dict())
+  top = f"{best}, CFW w {max(args.cfw_weights):g}"
+  result.update(score_heldout(variants, {}, args, prefix=f"varsr_cfw_{run_tag(args)}",
+                              panel={"VARSR, tuned, T 0": best, "+ CFW": top}))
+  print(f"on the training photos {list(images.TRAIN_PHOTOS)}, one fresh degradation each:",
+        flush=True)
+  result["train_photos"] = score_heldout(
+      {k: variants[k] for k in (best, top, CNN) if k in variants}, {}, args, panel=None,
+      prefix="", photos=images.TRAIN_PHOTOS, seeds=1)
+  result["timing"] = _cfw_times(fused, args.batch)
+  save_json(out, f"cfw_scores_{run_tag(args)}_{args.cfw_steps}", result)
+
+
+def _cfw_times(m: sr.SRModel, batch: int) -> dict[str, float]:
+  """Best-of-10 ms, `batch` LR tiles: generation (greedy, refiner at temperature 0), the plain
+  decode and the CFW decode of its output."""
+  s = m.tile
+  lr = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, s, s, 3)), jnp.float32)
+  f_hat = varsr_lib.upscale(m.model, m.params, m.vqvae, m.vq_params, lr, jax.random.key(0),
+                            **sr.CFW_DECODING)["f_hat"]
+  plain = jax.jit(lambda f: m.vqvae.apply({"params": m.vq_params}, f, method="decode_fhat"))
+  fused = jax.jit(lambda f, x: m.cfw[0].apply({"params": m.cfw[1]}, f, x, 1.0))
+  gen = lambda: varsr_lib.upscale(m.model, m.params, m.vqvae, m.vq_params, lr,  # noqa: E731
+                                  jax.random.key(0), **sr.CFW_DECODING)["f_hat"]
+  t = _best_times([gen, lambda: plain(f_hat), lambda: fused(f_hat, lr)])
+  r = {"generate_ms": 1e3 * t[0], "decode_ms": 1e3 * t[1], "cfw_decode_ms": 1e3 * t[2]}
+  print(f"{batch} tiles: generate {r['generate_ms']:.1f} ms, decode {r['decode_ms']:.1f} ms, "
+        f"CFW decode {r['cfw_decode_ms']:.1f} ms", flush=True)
+  return r
 
 
 def plot_transfer(out: Path, vq_name: str, path: Path) -> None:
@@ -575,7 +646,7 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("exp", choices=["all", "train", "eval", "timing", "ceiling", "lr-use",
-                                  "transfer", "fidelity"])
+                                  "transfer", "fidelity", "cfw"])
   p.add_argument("--out", default="runs/varsr")
   p.add_argument("--img", default="docs/results/img")
   p.add_argument("--vq-steps", type=int, default=700)
@@ -598,15 +669,20 @@ def main(argv=None):
   p.add_argument("--decoder-steps", type=int, default=3000, help="fidelity: decoder tuning steps")
   p.add_argument("--decoder-lr", type=float, default=3e-4,
                  help="fidelity: the decoder's peak learning rate")
+  p.add_argument("--cfw-steps", type=int, default=2000, help="cfw: training steps")
+  p.add_argument("--cfw-lr", type=float, default=5e-4, help="cfw: peak learning rate")
+  p.add_argument("--cfw-weights", type=float, nargs="+", default=[0.0, 0.5, 1.0],
+                 help="cfw: fidelity weights w to score (0: the tuned decoder alone)")
   p.add_argument("--no-progress", action="store_true")
   args = p.parse_args(argv)
-  if args.varsr_size != "small" and args.exp not in ("transfer", "fidelity"):
+  if args.varsr_size != "small" and args.exp not in ("transfer", "fidelity", "cfw"):
     p.error(f"--varsr-size is for transfer and fidelity (their runs are named by size); "
             f"{args.exp} uses the page's small runs.")
   t, c = time.perf_counter(), _cpu_seconds()
   for exp in (("train", "eval", "timing") if args.exp == "all" else (args.exp,)):
     {"train": cmd_train, "eval": cmd_eval, "timing": cmd_timing, "ceiling": cmd_ceiling,
-     "lr-use": cmd_lr_use, "transfer": cmd_transfer, "fidelity": cmd_fidelity}[exp](args)
+     "lr-use": cmd_lr_use, "transfer": cmd_transfer, "fidelity": cmd_fidelity,
+     "cfw": cmd_cfw}[exp](args)
   print(f"{args.exp}: {(time.perf_counter() - t) / 60:.1f} min wall, "
         f"{(_cpu_seconds() - c) / 60:.1f} CPU-min")
 

@@ -1,7 +1,7 @@
 """Super-resolution training and inference drivers: the VQ-VAE stage, the VARSR stage, the CNN
 baseline, upscaling.
 
-Four stages, each a run directory (`workdir`) holding `config.json`, Orbax checkpoints
+Five stages, each a run directory (`workdir`) holding `config.json`, Orbax checkpoints
 (`jaxllm.train.checkpoint.Checkpointer`), `metrics.jsonl` and TensorBoard events:
 
 1. `stage="vqvae"`: the multi-scale VQ-VAE (`models/var/vqvae.py`) on random HR crops of
@@ -18,7 +18,13 @@ Four stages, each a run directory (`workdir`) holding `config.json`, Orbax check
    original decodes with the tuned decoder (`load_sr(..., decoder=DIR)`, `jaxllm sr upscale
    --decoder DIR`); the original VQ-VAE is copied into the checkpoint, and `load_vqvae` of this
    run gives the original with the tuned decoder.
-4. `stage="cnn"`: the regression-CNN baseline (`models/srcnn.py`), L1 loss, on the pairs of
+4. `stage="cfw"`: StableSR's controllable feature wrapping (`models/var/cfw.py`) for a trained
+   sr-stage run (`sr_dir`, with `decoder_dir`'s tuned decoder if given): an encoder of the
+   bicubic-upsampled LR and fusion blocks into the frozen decoder, trained with MSE on what
+   VARSR generates for each training batch (`CFW_DECODING`). Its checkpoint holds the frozen
+   decoder; `load_sr` of this run gives the sr run with the CFW decoder (`upscale_image(...,
+   cfw_weight=w)`: 0 is the plain decoder, 1 full fusion).
+5. `stage="cnn"`: the regression-CNN baseline (`models/srcnn.py`), L1 loss, on the pairs of
    `images.sr_dataset` with HR crops of `crop_size` pixels. It has no quality label, so it trains
    on positive pairs only (`negative_prob` does not apply); with the same seed and crop size, its
    pair i is the sr stage's pair i wherever that one is positive. No VQ-VAE is needed.
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import time
@@ -48,6 +55,7 @@ from jaxllm.config import OptimConfig
 from jaxllm.data import degradations as deg
 from jaxllm.data import images
 from jaxllm.models import srcnn
+from jaxllm.models.var import cfw as cfw_lib
 from jaxllm.models.var import refiner as refiner_lib
 from jaxllm.models.var import varsr as varsr_lib
 from jaxllm.models.var import vqvae as vqvae_lib
@@ -57,21 +65,27 @@ from jaxllm.train.metrics import MetricsWriter
 from jaxllm.train.optim import make_optimizer
 from jaxllm.train.step import TrainState, make_train_step
 
-STAGES = ("vqvae", "decoder", "sr", "cnn")
+STAGES = ("vqvae", "decoder", "sr", "cnn", "cfw")
+# How the cfw stage runs its generator on the training batches (and the decoding the CFW is
+# fitted to): greedy tokens, the refiner's mean path, no CFG (the page's best decoding).
+CFW_DECODING = dict(cfg=None, top_k=1, temperature=0.0)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 @dataclasses.dataclass(frozen=True)
 class SRTrainConfig:
-  stage: str = "vqvae"  # "vqvae" | "sr" | "cnn"
+  stage: str = "vqvae"  # STAGES
   workdir: str = "runs/sr"
   vqvae_preset: str = "small"  # vqvae_lib.PRESETS (stage "vqvae")
   varsr_preset: str = "small"  # VARSR_SIZES (stage "sr")
   cnn_preset: str = "small"  # srcnn.PRESETS (stage "cnn")
   vqvae_dir: str | None = None  # stages "sr", "decoder": the run directory of a trained VQ-VAE
+  sr_dir: str | None = None  # stage "cfw": the sr-stage run whose outputs it learns to correct
+  decoder_dir: str | None = None  # stage "cfw": a decoder-stage run to decode with (optional)
   vqvae_overrides: tuple[str, ...] = ()  # "FIELD=JSON" on the VQ-VAE preset, e.g. "ch=8"
   varsr_overrides: tuple[str, ...] = ()  # "FIELD=JSON" on the VARSR config, e.g. "depth=1"
   cnn_overrides: tuple[str, ...] = ()  # "FIELD=JSON" on the CNN preset, e.g. "num_blocks=4"
+  cfw_overrides: tuple[str, ...] = ()  # "FIELD=JSON" on cfw.CFWConfig, e.g. "levels=[1,2]"
   crop_size: int = 64  # stage "cnn": HR crop side (the sr stage uses the VQ-VAE's image_size)
   data: str = "skimage"  # the embedded photos minus the held-out ones, or a folder of images
   scale: int = 4
@@ -94,7 +108,11 @@ class SRTrainConfig:
     if self.stage in ("sr", "decoder") and not self.vqvae_dir:
       raise ValueError(f"the {self.stage} stage needs a trained VQ-VAE: pass --vqvae DIR (a run "
                        "made by `jaxllm sr train --stage vqvae --workdir DIR`).")
+    if self.stage == "cfw" and not self.sr_dir:
+      raise ValueError("the cfw stage corrects a trained VARSR: pass --sr-run DIR (a run made by "
+                       "`jaxllm sr train --stage sr`), and --decoder DIR for a tuned decoder.")
     object.__setattr__(self, "vqvae_overrides", tuple(self.vqvae_overrides))
+    object.__setattr__(self, "cfw_overrides", tuple(self.cfw_overrides))
     object.__setattr__(self, "varsr_overrides", tuple(self.varsr_overrides))
     object.__setattr__(self, "cnn_overrides", tuple(self.cnn_overrides))
     if self.scale < 2 or not 0 <= self.negative_prob <= 1 or self.steps < 1:
@@ -316,6 +334,8 @@ def _stage_setup(cfg: SRTrainConfig):
     return loss_fn, init_for, data, None, eval_fn, record
   if cfg.stage == "cnn":
     return _cnn_setup(cfg, photos)
+  if cfg.stage == "cfw":
+    return _cfw_setup(cfg, photos)
   vq, vq_params = load_vqvae(cfg.vqvae_dir)
   c = varsr_config_for(vq.config, cfg.scale, cfg.varsr_preset,
                        **parse_overrides(cfg.varsr_overrides, varsr_lib.VARSRConfig))
@@ -359,6 +379,45 @@ def _decoder_setup(cfg: SRTrainConfig, photos):
   record = {"vqvae": dataclasses.asdict(vq.config), "vqvae_dir": str(cfg.vqvae_dir)}
   return (vqvae_lib.decoder_loss_fn(vq, vq_params), functools.partial(_init_from, start),
           data, vq_params, eval_fn, record)
+
+
+def _cfw_setup(cfg: SRTrainConfig, photos):
+  base = load_sr(cfg.sr_dir, decoder=cfg.decoder_dir)
+  if not isinstance(base, SRModel) or base.cfw is not None:
+    kind = "cnn" if isinstance(base, CNNModel) else "cfw"
+    raise ValueError(f"--sr-run {cfg.sr_dir} is a {kind}-stage run; the cfw stage needs an "
+                     "sr-stage run (VARSR).")
+  model = cfw_lib.CFWDecoder(base.vqvae.config, cfw_lib.CFWConfig(
+      **parse_overrides(cfg.cfw_overrides, cfw_lib.CFWConfig)))
+  trained, frozen = cfw_lib.split(cfw_lib.init_params(model, base.vq_params, cfg.seed))
+  data = images.sr_dataset(photos, base.config.image_size,
+                           deg.preset(cfg.degradation, scale=cfg.scale), cfg.seed
+                           ).batch(cfg.batch_size)
+
+  def generate(lr, rng):
+    return varsr_lib.upscale(base.model, base.params, base.vqvae, base.vq_params, lr, rng,
+                             **CFW_DECODING)["f_hat"]
+
+  def eval_fn(params, frozen_params, batch):  # PSNR on the training batch, fused and not
+    f_hat = generate(batch["lr"], jax.random.key(0))
+    apply = functools.partial(model.apply, {"params": {**frozen_params, **params}})
+    return {"psnr_cfw": _batch_psnr(apply(f_hat, batch["lr"], 1.0), batch["hr"]),
+            "psnr_plain": _batch_psnr(apply(f_hat, batch["lr"], 0.0), batch["hr"])}
+
+  record = {"vqvae": dataclasses.asdict(base.vqvae.config),
+            "cfw": dataclasses.asdict(model.cfw), "sr_dir": str(cfg.sr_dir),
+            "decoder_dir": cfg.decoder_dir, "generator_digest": _generator_digest(base),
+            "cfw_decoding": CFW_DECODING}
+  return (cfw_lib.cfw_loss_fn(model, frozen, generate), functools.partial(_init_from, trained),
+          data, frozen, eval_fn, record)
+
+
+def _generator_digest(m: SRModel) -> str:
+  """SHA-256 of a VARSR's and its VQ-VAE's parameters: a cfw run is tied to its generator."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves((m.params, m.vq_params)):
+    h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return h.hexdigest()
 
 
 def _batch_psnr(x, y):
@@ -465,6 +524,7 @@ class SRModel:
   vqvae: vqvae_lib.VQVAE
   vq_params: Any
   run: dict  # config.json of the run
+  cfw: tuple[cfw_lib.CFWDecoder, Any] | None = None  # a cfw-stage run's decoder and params
 
   @property
   def config(self) -> varsr_lib.VARSRConfig:
@@ -492,8 +552,11 @@ class CNNModel:
 def load_sr(workdir: str | Path, decoder: str | Path | None = None) -> SRModel | CNNModel:
   """A trained sr-stage run (VARSR and its frozen VQ-VAE), or a cnn-stage run, from its
   directory. `decoder`: a decoder-stage run tuned from the VQ-VAE this sr run was trained on,
-  whose decoder replaces the checkpoint's (the tokens are the same; checked)."""
+  whose decoder replaces the checkpoint's (the tokens are the same; checked). A cfw-stage run
+  loads as its sr run with the CFW decoder attached (`SRModel.cfw`)."""
   run = read_run(workdir)
+  if run["stage"] == "cfw":
+    return _load_cfw(Path(workdir), run, decoder)
   if run["stage"] == "cnn":
     if decoder is not None:
       raise ValueError("--decoder is for VARSR runs; this is a cnn-stage run: drop --decoder.")
@@ -512,6 +575,29 @@ def load_sr(workdir: str | Path, decoder: str | Path | None = None) -> SRModel |
     vq_params = _swap_decoder(vq_params, run, decoder)
     run = {**run, "decoder_dir": str(decoder)}
   return SRModel(model, state["train"].params, vq, vq_params, run)
+
+
+def _load_cfw(workdir: Path, run: dict, decoder) -> SRModel:
+  """A cfw-stage run: its sr run (reloaded from the recorded directory, checked bit-for-bit by
+  digest) with the CFW decoder attached."""
+  if decoder is not None:
+    raise ValueError("a cfw-stage run decodes with its own (frozen) decoder: drop --decoder.")
+  base_dir = Path(run["sr_dir"])
+  if not (base_dir / "config.json").is_file():
+    raise FileNotFoundError(f"{workdir} corrects the sr run {base_dir}, which is not there any "
+                            "more; restore it (the CFW stores only its own parameters).")
+  base = load_sr(base_dir, decoder=run["decoder_dir"])
+  if _generator_digest(base) != run["generator_digest"]:
+    raise ValueError(f"the sr run {base_dir} (decoder {run['decoder_dir']}) has changed since "
+                     f"{workdir} was trained on its outputs; retrain the cfw stage.")
+  model = cfw_lib.CFWDecoder(base.vqvae.config, cfw_lib.CFWConfig(**run["cfw"]))
+  trained, frozen = jax.eval_shape(
+      lambda: cfw_lib.split(cfw_lib.init_params(model, base.vq_params)))
+  optimizer = make_optimizer(OptimConfig(schedule="constant"), 1)
+  state = _restore(workdir, {"train": jax.eval_shape(_init_from(trained, optimizer), 0),
+                             "vqvae": frozen})
+  return dataclasses.replace(base, run={**base.run, "cfw_dir": str(workdir), "cfw_run": run},
+                             cfw=(model, {**state["vqvae"], **state["train"].params}))
 
 
 def _swap_decoder(vq_params, run: dict, decoder: str | Path):
@@ -557,7 +643,8 @@ def upscale_image(sr: SRModel | CNNModel, lr: np.ndarray, scale: int, *, seed: i
                   temperature: float = 1.0, refine: bool = True,
                   refiner_steps: int | None = None, overlap: int | None = None,
                   batch: int = 4, self_ensemble: bool = False,
-                  color_fix: str = "adain", mbr_tokens: bool = False) -> np.ndarray:
+                  color_fix: str = "adain", mbr_tokens: bool = False,
+                  cfw_weight: float | None = None) -> np.ndarray:
   """LR image [h, w, 3] in [0, 1] (any size >= half a tile) -> SR [h s, w s, 3] in [0, 1].
 
   cfg=None: positive quality label only; a number: image-based CFG against the negative label,
@@ -569,11 +656,19 @@ def upscale_image(sr: SRModel | CNNModel, lr: np.ndarray, scale: int, *, seed: i
   and stds to its bicubic LR (VARSR's), "wavelet" puts the whole image's detail bands on the
   bicubic LR's low-frequency residual (`varsr.wavelet_color_fix`), "none" keeps the decoder's
   colours. `mbr_tokens`: each scale's tokens are the codes nearest the expected code vector
-  under the model's distribution (`varsr.mbr_tokens_from_logits`) instead of draws. A `CNNModel`
+  under the model's distribution (`varsr.mbr_tokens_from_logits`) instead of draws.
+  `cfw_weight` (a cfw-stage run only; default 1): StableSR's fidelity weight w in [0, 1], 0 the
+  plain decoder, 1 the LR fully fused in. A `CNNModel`
   runs on the whole image at once; the sampling and colour options do not apply to it, and a
   cfg raises."""
   if color_fix not in COLOR_FIXES:
     raise ValueError(f"color_fix={color_fix!r}: choose one of {COLOR_FIXES}.")
+  if cfw_weight is not None and cfw_weight < 0:
+    raise ValueError(f"cfw_weight={cfw_weight} must be >= 0 (0: the plain decoder, 1: the "
+                     "weight the CFW was trained at).")
+  if cfw_weight is not None and getattr(sr, "cfw", None) is None:
+    raise ValueError("cfw_weight is for cfw-stage runs (`jaxllm sr train --stage cfw`); this "
+                     "checkpoint has no CFW: drop --cfw-weight or pass a cfw run.")
   lr = images.to_rgb(lr)
   check_input(sr, lr, scale)
   if isinstance(sr, CNNModel):
@@ -588,7 +683,8 @@ def upscale_image(sr: SRModel | CNNModel, lr: np.ndarray, scale: int, *, seed: i
                        "CFG has nothing to guide against: drop --cfg, or retrain the sr stage "
                        "with --negative-prob 0.1.")
     refine = refine and sr.config.refiner is not None
-    fn = varsr_lib.make_upscaler(sr.model, sr.params, sr.vqvae, sr.vq_params, seed=seed,
+    cfw = None if sr.cfw is None else (*sr.cfw, 1.0 if cfw_weight is None else cfw_weight)
+    fn = varsr_lib.make_upscaler(sr.model, sr.params, sr.vqvae, sr.vq_params, seed=seed, cfw=cfw,
                                  cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
                                  refine=refine, refiner_steps=refiner_steps if refine else None,
                                  color_fix=color_fix == "adain", mbr_tokens=mbr_tokens)

@@ -429,9 +429,17 @@ def mbr_tokens_from_logits(logits_NV, codebook_VC):
   return jnp.argmin(d, axis=-1).astype(jnp.int32)
 
 
-def decode(vqvae, vq_params, f_hat, lr_BhW3=None, color_fix: bool = True):
-  """f_hat -> image in [-1, 1]; with the LR given, AdaIN colour correction to it."""
-  img = jnp.clip(vqvae.apply({"params": vq_params}, f_hat, method="decode_fhat"), -1, 1)
+def decode(vqvae, vq_params, f_hat, lr_BhW3=None, color_fix: bool = True, cfw=None):
+  """f_hat -> image in [-1, 1]; with the LR given, AdaIN colour correction to it. `cfw`:
+  (`cfw.CFWDecoder`, its params, weight w) decodes with the LR fused in instead (needs the LR)."""
+  if cfw is None:
+    img = vqvae.apply({"params": vq_params}, f_hat, method="decode_fhat")
+  else:
+    if lr_BhW3 is None:
+      raise ValueError("CFW decoding fuses the LR image into the decoder: pass lr_BhW3.")
+    cfw_model, cfw_params, w = cfw
+    img = cfw_model.apply({"params": cfw_params}, f_hat, lr_BhW3, w)
+  img = jnp.clip(img, -1, 1)
   if color_fix and lr_BhW3 is not None:
     img = jnp.clip(adain_color_fix(img, vqvae_resize(lr_BhW3, img.shape[1], "bicubic")), -1, 1)
   return img
@@ -518,11 +526,12 @@ def upscale_tiled(fn, lr_HW3: np.ndarray, tile: int, scale: int, overlap: int = 
 
 
 def make_upscaler(model: VARSR, params, vqvae, vq_params, seed: int = 0, color_fix: bool = True,
-                  **sampling):
+                  cfw=None, **sampling):
   """A host function LR tiles [n, h, w, 3] in [0, 1] -> SR tiles [n, h s, w s, 3] in [0, 1]
-  (`upscale` with `sampling` options, then `decode`), for `upscale_tiled`. Every call reuses
-  the same compiled program and the same seed, so tiles of equal content decode equally."""
-  decode_jit = jax.jit(lambda f, lr: decode(vqvae, vq_params, f, lr, color_fix))
+  (`upscale` with `sampling` options, then `decode`, with `cfw` if given), for `upscale_tiled`.
+  Every call reuses the same compiled program and the same seed, so tiles of equal content
+  decode equally."""
+  decode_jit = jax.jit(lambda f, lr: decode(vqvae, vq_params, f, lr, color_fix, cfw))
 
   def fn(tiles):
     lr = jnp.asarray(tiles, jnp.float32) * 2 - 1

@@ -307,14 +307,21 @@ class Encoder(nn.Module):
   level_attn: bool = False
 
   @nn.compact
-  def __call__(self, x_BHW3):
+  def __call__(self, x_BHW3, features_only: bool = False):
+    """-> latents [B, h, w, z_channels]; with `features_only`, the list of each level's
+    output (after its res-blocks, before downsampling; level 0 at full resolution) instead,
+    and the middle blocks and output conv are not run (StableSR's `return_fea`)."""
     h = nn.Conv(self.ch, (3, 3), padding="SAME", name="conv_in")(x_BHW3)
     last = len(self.ch_mult) - 1
+    features = []
     for i, m in enumerate(self.ch_mult):
       for j in range(self.num_res_blocks):
         h = ResBlock(self.ch * m, self.groups, name=f"down_{i}_block_{j}")(h)
         if self.level_attn and i == last:
           h = AttnBlock(self.groups, name=f"down_{i}_attn_{j}")(h)
+      features.append(h)
+      if features_only and i == last:
+        return features
       if i != len(self.ch_mult) - 1:  # LDM: pad right/bottom by one, 3x3 stride-2 conv
         h = jnp.pad(h, ((0, 0), (0, 1), (0, 1), (0, 0)))
         h = nn.Conv(h.shape[-1], (3, 3), strides=2, padding="VALID", name=f"down_{i}")(h)
@@ -335,7 +342,9 @@ class Decoder(nn.Module):
   level_attn: bool = False
 
   @nn.compact
-  def __call__(self, z_BhwC):
+  def __call__(self, z_BhwC, level_hook=None):
+    """`level_hook(i, h) -> h`, if given, runs on each level i's features after its
+    res-blocks and before upsampling (i = 0: full resolution), e.g. `cfw.CFWDecoder`'s fusion."""
     h = nn.Conv(self.ch * self.ch_mult[-1], (3, 3), padding="SAME", name="conv_in")(z_BhwC)
     h = ResBlock(h.shape[-1], self.groups, name="mid_block_1")(h)
     if self.mid_attn:
@@ -346,6 +355,8 @@ class Decoder(nn.Module):
         h = ResBlock(self.ch * self.ch_mult[i], self.groups, name=f"up_{i}_block_{j}")(h)
         if self.level_attn and i == len(self.ch_mult) - 1:
           h = AttnBlock(self.groups, name=f"up_{i}_attn_{j}")(h)
+      if level_hook is not None:
+        h = level_hook(i, h)
       if i != 0:
         B, H, W, C = h.shape
         h = jax.image.resize(h, (B, 2 * H, 2 * W, C), "nearest")
