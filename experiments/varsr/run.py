@@ -488,6 +488,36 @@ def cmd_cfw(args) -> None:
       prefix="", photos=images.TRAIN_PHOTOS, seeds=1)
   result["timing"] = _cfw_times(fused, args.batch)
   save_json(out, f"cfw_scores_{run_tag(args)}_{args.cfw_steps}", result)
+  plot_cfw(result["mean"], Path(args.img) / f"varsr_cfw_{run_tag(args)}_tradeoff.png")
+
+
+def plot_cfw(mean: dict, path: Path) -> None:
+  """Held-out NIQE against PSNR for every CFW weight w (a line, labelled by w), bicubic and the
+  CNN; the issue's target is the quadrant right of and below bicubic."""
+  pts = sorted((float(k.rsplit(" ", 1)[1]), v) for k, v in mean.items() if ", CFW w " in k)
+  plt = pyplot()
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  ax.plot([v["psnr"] for _, v in pts], [v["niqe"] for _, v in pts], "o-",
+          label="VARSR + CFW (tuned decoder, T 0)")
+  for w, v in pts:
+    ax.annotate(f"w {w:g}", (v["psnr"], v["niqe"]), textcoords="offset points", xytext=(4, 4),
+                fontsize=7)
+  bic = mean["bicubic"]
+  ax.plot([bic["psnr"]], [bic["niqe"]], "rs", label="bicubic")
+  if CNN in mean:
+    ax.plot([mean[CNN]["psnr"]], [mean[CNN]["niqe"]], "k^", label="CNN baseline")
+  x1, y0 = ax.get_xlim()[1], ax.get_ylim()[0]
+  ax.fill_between([bic["psnr"], x1], y0, bic["niqe"], color="green", alpha=0.1,
+                  label="target: better than bicubic on both")
+  ax.set_xlim(right=x1)
+  ax.set_ylim(bottom=y0)
+  ax.set_xlabel("held-out PSNR (Y), dB (higher is better)")
+  ax.set_ylabel("NIQE (lower is better)")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
 
 def _cfw_times(m: sr.SRModel, batch: int) -> dict[str, float]:
@@ -671,7 +701,7 @@ def main(argv=None):
                  help="fidelity: the decoder's peak learning rate")
   p.add_argument("--cfw-steps", type=int, default=2000, help="cfw: training steps")
   p.add_argument("--cfw-lr", type=float, default=5e-4, help="cfw: peak learning rate")
-  p.add_argument("--cfw-weights", type=float, nargs="+", default=[0.0, 0.5, 1.0],
+  p.add_argument("--cfw-weights", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
                  help="cfw: fidelity weights w to score (0: the tuned decoder alone)")
   p.add_argument("--no-progress", action="store_true")
   args = p.parse_args(argv)
