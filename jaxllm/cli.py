@@ -217,7 +217,7 @@ def cmd_sr_train(args) -> int:
       varsr_preset=args.varsr_preset, cnn_preset=args.cnn_preset, vqvae_dir=args.vqvae,
       vqvae_overrides=args.vqvae_set, varsr_overrides=args.varsr_set,
       cnn_overrides=args.cnn_set, cfw_overrides=args.cfw_set, sr_dir=args.sr_run,
-      decoder_dir=args.decoder, crop_size=args.crop_size, data=args.data, scale=args.scale,
+      decoder_dir=args.decoder, cfw_init=args.cfw_init, crop_size=args.crop_size, data=args.data, scale=args.scale,
       degradation=args.degradation, negative_prob=args.negative_prob, steps=args.steps,
       batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
       log_every=args.log_every, save_every=args.save_every, progress=not args.no_progress)
@@ -290,7 +290,9 @@ def _add_sr_parser(sub) -> None:
                  help="e.g. positions=learned conditioning=additive (the ablations)")
   t.add_argument("--cnn-set", nargs="*", default=[], metavar="FIELD=JSON")
   t.add_argument("--cfw-set", nargs="*", default=[], metavar="FIELD=JSON",
-                 help="cfw stage, e.g. levels=[1,2] blocks=2")
+                 help="cfw stage, e.g. levels=[1,2] blocks=2 adv_weight=0.1 (adversarial term)")
+  t.add_argument("--cfw-init", default=None, metavar="DIR",
+                 help="cfw stage: a cfw run of the same sr run to start the fusion from")
   t.add_argument("--crop-size", type=int, default=64,
                  help="cnn stage: HR crop side (the sr stage uses the VQ-VAE's image size)")
   t.add_argument("--data", default="skimage",

@@ -248,6 +248,24 @@ def test_cfw_stage_fuses_the_lr_and_weight_zero_is_the_sr_run(runs, capsys):
   assert cli.main(["sr", "train", "--stage", "cfw", "--workdir", str(runs["root"] / "x"),
                    "--data", str(runs["data"])]) == 2
   assert "pass --sr-run DIR" in capsys.readouterr().err
+  # StableSR's adversarial term, fine-tuning this run: the discriminator is trained beside the
+  # fusions and left out of the model that upscales; w 0 is still the sr run
+  adv_dir = runs["root"] / "cfw_adv"
+  tune = ["--workdir", str(adv_dir), "--data", str(runs["data"]), "--steps", "10",
+          "--batch-size", "4", "--lr", "1e-4", "--warmup-steps", "2", "--no-progress"]
+  assert cli.main(["sr", "train", "--stage", "cfw", "--sr-run", str(runs["sr"]), "--cfw-init",
+                   str(cfw_dir), "--cfw-set", "adv_weight=0.2", *tune]) == 0
+  tuned = sr.load_sr(adv_dir)
+  assert "disc" not in tuned.cfw[1] and tuned.run["cfw_run"]["cfw"]["adv_weight"] == 0.2
+  np.testing.assert_allclose(sr.upscale_image(tuned, lr, 4, temperature=0.0, cfw_weight=0.0),
+                             plain, atol=1e-6)
+  for argv, message in [(["--cfw-init", str(runs["sr"])], "not a cfw-stage run"),
+                        (["--cfw-init", str(cfw_dir), "--cfw-set", "levels=[0]"],
+                         "fuses other levels")]:
+    tune[1] = str(runs["root"] / "cfw_bad")
+    assert cli.main(["sr", "train", "--stage", "cfw", "--sr-run", str(runs["sr"]), *argv,
+                     *tune]) == 2
+    assert message in capsys.readouterr().err, argv
   # a cfw run is tied to the generator it was trained on: a changed sr run is refused
   record = json.loads((cfw_dir / "config.json").read_text())
   (cfw_dir / "config.json").write_text(json.dumps({**record, "generator_digest": "0" * 64}))

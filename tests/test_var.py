@@ -478,3 +478,47 @@ def test_cfw_decoder_starts_as_and_at_w0_is_the_plain_decoder():
     cfwm.CFWConfig(levels=(3,)).fused(cfg)
   with pytest.raises(ValueError, match="side divides"):
     m.apply({"params": p}, f, lr[:, :5], 1.0)
+
+
+def test_cfw_adversarial_loss_gives_each_player_its_own_gradient():
+  """With adv_weight > 0 one loss trains both players: its gradient for the fusions is that of
+  MSE + lam x (-D(out)) with lam = adv_weight ||dMSE/dout|| / ||d(-D)/dout|| held constant, and
+  for the discriminator that of the patchwise hinge loss on (hr, out), each computed here
+  directly."""
+  from jaxllm.models.var import cfw as cfwm
+  cfg = vqm.tiny()
+  S = cfg.image_size
+  vq = vqm.VQVAE(cfg)
+  vp = np_init(vq, jnp.zeros((1, S, S, 3)), seed=4)
+  m = cfwm.CFWDecoder(cfg, cfwm.CFWConfig(adv_weight=0.3, disc_ch=8))
+  rng = np.random.default_rng(1)
+  trained, frozen = cfwm.split(cfwm.init_params(m, vp))
+  trained = jax.tree.map(lambda x: x + 0.05 * jnp.asarray(rng.normal(size=x.shape), x.dtype),
+                         trained)
+  f = jnp.asarray(rng.normal(size=(2, 8, 8, cfg.c_vae)), jnp.float32)
+  batch = {"lr": jnp.asarray(rng.uniform(-1, 1, (2, 8, 8, 3)), jnp.float32),
+           "hr": jnp.asarray(rng.uniform(-1, 1, (2, S, S, 3)), jnp.float32)}
+  loss_fn = cfwm.cfw_loss_fn(m, frozen, lambda lr, key: f)
+  grads = jax.grad(lambda q: loss_fn(q, batch, jax.random.key(0))[0])(trained)
+  disc = cfwm.PatchDiscriminator(8)
+  d_mean = lambda d, img: jnp.mean(disc.apply({"params": d}, img), axis=(1, 2))  # noqa: E731
+  gen = {k: v for k, v in trained.items() if k != cfwm.DISC}
+  decode = lambda g: m.apply({"params": {**frozen, **g}}, f, batch["lr"], 1.0)  # noqa: E731
+  out = decode(gen)
+  def hinge(d):  # per patch, as taming's hinge_d_loss
+    real, fake = (disc.apply({"params": d}, x) for x in (batch["hr"], out))
+    return jnp.sum(jnp.mean(jax.nn.relu(1 - real), (1, 2))
+                   + jnp.mean(jax.nn.relu(1 + fake), (1, 2)))
+  want_d = jax.grad(hinge)(trained[cfwm.DISC])
+  n = out[0].size
+  g_rec = 2 * (out - batch["hr"]) / n
+  g_adv = jax.grad(lambda o: -jnp.sum(d_mean(trained[cfwm.DISC], o)))(out)
+  lam = 0.3 * jnp.linalg.norm(g_rec) / jnp.linalg.norm(g_adv)
+  want_g = jax.grad(lambda g: jnp.sum(jnp.mean((decode(g) - batch["hr"]) ** 2, axis=(1, 2, 3)))
+                    - lam * jnp.sum(d_mean(trained[cfwm.DISC], decode(g))))(gen)
+  for got, want in ((grads[cfwm.DISC], want_d), ({k: grads[k] for k in gen}, want_g)):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-7)
+  assert float(jnp.abs(jax.tree.leaves(want_d)[0]).max()) > 0  # both players do learn
+  with pytest.raises(ValueError, match="adv_weight"):
+    cfwm.CFWConfig(adv_weight=-1.0)

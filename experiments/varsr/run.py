@@ -460,7 +460,15 @@ def cmd_cfw(args) -> None:
       raise SystemExit(f"{need} has no checkpoints: run `run.py {how}` with the same --vq-run, "
                        "--sr-steps and --varsr-size first.")
   name = f"cfw_{run_tag(args)}_{args.cfw_steps}"
-  cfg = sr.SRTrainConfig(stage="cfw", sr_dir=str(sr_dir), decoder_dir=str(dec),
+  adv = {}
+  if args.cfw_adv:  # StableSR's adversarial term, fine-tuning the MSE run of --cfw-init-steps
+    start = out / f"cfw_{run_tag(args)}_{args.cfw_init_steps}"
+    if not (start / "checkpoints").is_dir():
+      raise SystemExit(f"{start} has no checkpoints: run `run.py cfw --cfw-steps "
+                       f"{args.cfw_init_steps}` (no --cfw-adv) first.")
+    name += f"_adv{args.cfw_adv:g}_from{args.cfw_init_steps}"
+    adv = dict(cfw_overrides=(f"adv_weight={args.cfw_adv}",), cfw_init=str(start))
+  cfg = sr.SRTrainConfig(stage="cfw", sr_dir=str(sr_dir), decoder_dir=str(dec), **adv,
                          workdir=str(out / name), steps=args.cfw_steps,
                          batch_size=args.batch_size, lr=args.cfw_lr, scale=SCALE, seed=0,
                          log_every=50, progress=not args.no_progress)
@@ -479,7 +487,7 @@ def cmd_cfw(args) -> None:
   if (out / "cnn" / "checkpoints").is_dir():
     variants[CNN] = (sr.load_sr(out / "cnn"), dict())
   top = f"{best}, CFW w {max(args.cfw_weights):g}"
-  result.update(score_heldout(variants, {}, args, prefix=f"varsr_cfw_{run_tag(args)}",
+  result.update(score_heldout(variants, {}, args, prefix=f"varsr_{name}",  # first seeds' panels
                               panel={"VARSR, tuned, T 0": best, "+ CFW": top}))
   print(f"on the training photos {list(images.TRAIN_PHOTOS)}, one fresh degradation each:",
         flush=True)
@@ -487,8 +495,9 @@ def cmd_cfw(args) -> None:
       {k: variants[k] for k in (best, top, CNN) if k in variants}, {}, args, panel=None,
       prefix="", photos=images.TRAIN_PHOTOS, seeds=1)
   result["timing"] = _cfw_times(fused, args.batch)
-  save_json(out, f"cfw_scores_{run_tag(args)}_{args.cfw_steps}", result)
-  plot_cfw(result["mean"], Path(args.img) / f"varsr_cfw_{run_tag(args)}_tradeoff.png")
+  tag = name.removeprefix("cfw_") + ("" if args.seeds == 2 else f"_seeds{args.seeds}")
+  save_json(out, f"cfw_scores_{tag}", result)
+  plot_cfw(result["mean"], Path(args.img) / f"varsr_cfw_{tag}_tradeoff.png")
 
 
 def plot_cfw(mean: dict, path: Path) -> None:
@@ -701,6 +710,11 @@ def main(argv=None):
                  help="fidelity: the decoder's peak learning rate")
   p.add_argument("--cfw-steps", type=int, default=2000, help="cfw: training steps")
   p.add_argument("--cfw-lr", type=float, default=5e-4, help="cfw: peak learning rate")
+  p.add_argument("--cfw-adv", type=float, default=0.0,
+                 help="cfw: adversarial weight (cfw.CFWConfig.adv_weight); > 0 fine-tunes the "
+                 "MSE run of --cfw-init-steps")
+  p.add_argument("--cfw-init-steps", type=int, default=2000,
+                 help="cfw --cfw-adv: the steps of the MSE cfw run to start from")
   p.add_argument("--cfw-weights", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
                  help="cfw: fidelity weights w to score (0: the tuned decoder alone)")
   p.add_argument("--no-progress", action="store_true")

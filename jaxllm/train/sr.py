@@ -82,6 +82,8 @@ class SRTrainConfig:
   vqvae_dir: str | None = None  # stages "sr", "decoder": the run directory of a trained VQ-VAE
   sr_dir: str | None = None  # stage "cfw": the sr-stage run whose outputs it learns to correct
   decoder_dir: str | None = None  # stage "cfw": a decoder-stage run to decode with (optional)
+  cfw_init: str | None = None  # stage "cfw": a cfw run of the same sr run to start the fusion
+  # from (e.g. an MSE-trained one, fine-tuned here with the adversarial term)
   vqvae_overrides: tuple[str, ...] = ()  # "FIELD=JSON" on the VQ-VAE preset, e.g. "ch=8"
   varsr_overrides: tuple[str, ...] = ()  # "FIELD=JSON" on the VARSR config, e.g. "depth=1"
   cnn_overrides: tuple[str, ...] = ()  # "FIELD=JSON" on the CNN preset, e.g. "num_blocks=4"
@@ -390,6 +392,9 @@ def _cfw_setup(cfg: SRTrainConfig, photos):
   model = cfw_lib.CFWDecoder(base.vqvae.config, cfw_lib.CFWConfig(
       **parse_overrides(cfg.cfw_overrides, cfw_lib.CFWConfig)))
   trained, frozen = cfw_lib.split(cfw_lib.init_params(model, base.vq_params, cfg.seed))
+  digest = _generator_digest(base)
+  if cfg.cfw_init:
+    trained = _cfw_start(cfg.cfw_init, trained, digest)
   data = images.sr_dataset(photos, base.config.image_size,
                            deg.preset(cfg.degradation, scale=cfg.scale), cfg.seed
                            ).batch(cfg.batch_size)
@@ -400,16 +405,37 @@ def _cfw_setup(cfg: SRTrainConfig, photos):
 
   def eval_fn(params, frozen_params, batch):  # PSNR on the training batch, fused and not
     f_hat = generate(batch["lr"], jax.random.key(0))
-    apply = functools.partial(model.apply, {"params": {**frozen_params, **params}})
+    apply = functools.partial(model.apply, {"params": cfw_lib.decoder_params(
+        {**frozen_params, **params})})
     return {"psnr_cfw": _batch_psnr(apply(f_hat, batch["lr"], 1.0), batch["hr"]),
             "psnr_plain": _batch_psnr(apply(f_hat, batch["lr"], 0.0), batch["hr"])}
 
   record = {"vqvae": dataclasses.asdict(base.vqvae.config),
             "cfw": dataclasses.asdict(model.cfw), "sr_dir": str(cfg.sr_dir),
-            "decoder_dir": cfg.decoder_dir, "generator_digest": _generator_digest(base),
+            "decoder_dir": cfg.decoder_dir, "generator_digest": digest,
             "cfw_decoding": CFW_DECODING}
   return (cfw_lib.cfw_loss_fn(model, frozen, generate), functools.partial(_init_from, trained),
           data, frozen, eval_fn, record)
+
+
+def _cfw_start(init_dir: str, trained: dict, digest: str) -> dict:
+  """`trained` with its LR encoder and fusions taken from the cfw run `init_dir`, which must
+  correct the same generator with the same fusion shapes (its discriminator, if any, is not
+  taken)."""
+  prev = load_sr(init_dir)
+  if prev.cfw is None:
+    raise ValueError(f"--cfw-init {init_dir} is not a cfw-stage run.")
+  if prev.run["cfw_run"]["generator_digest"] != digest:
+    raise ValueError(f"--cfw-init {init_dir} was trained on another sr run or decoder; start "
+                     "from a cfw run of this one.")
+  take = {k: v for k, v in prev.cfw[1].items()
+          if k not in vqvae_lib.DECODER_PARAMS and k != cfw_lib.DISC}
+  mine = {k: v for k, v in trained.items() if k != cfw_lib.DISC}
+  if jax.tree.structure(take) != jax.tree.structure(mine) or any(
+      a.shape != b.shape for a, b in zip(jax.tree.leaves(take), jax.tree.leaves(mine))):
+    raise ValueError(f"--cfw-init {init_dir} fuses other levels or block counts than "
+                     "--cfw-set asks for; use the same levels and blocks.")
+  return {**trained, **take}
 
 
 def _generator_digest(m: SRModel) -> str:
@@ -596,8 +622,9 @@ def _load_cfw(workdir: Path, run: dict, decoder) -> SRModel:
   optimizer = make_optimizer(OptimConfig(schedule="constant"), 1)
   state = _restore(workdir, {"train": jax.eval_shape(_init_from(trained, optimizer), 0),
                              "vqvae": frozen})
+  params = cfw_lib.decoder_params({**state["vqvae"], **state["train"].params})
   return dataclasses.replace(base, run={**base.run, "cfw_dir": str(workdir), "cfw_run": run},
-                             cfw=(model, {**state["vqvae"], **state["train"].params}))
+                             cfw=(model, params))
 
 
 def _swap_decoder(vq_params, run: dict, decoder: str | Path):
