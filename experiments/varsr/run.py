@@ -36,7 +36,8 @@ cfw     StableSR's controllable feature wrapping for the fidelity model: an enco
         bicubic LR fused into the tuned decoder (frozen), trained (--cfw-steps, MSE) on what the
         transfer model generates (greedy tokens, refiner at temperature 0); scored like `eval`
         at fidelity weights --cfw-weights (0 = the fidelity page's best decoding), on the
-        held-out and the training photos; decode time with and without it.
+        held-out and the training photos; decode time with and without it. --cfw-adv W
+        fine-tunes the MSE run of --cfw-init-steps with StableSR's adversarial term instead.
 timing  one jitted generation (KV cache; refiner on and off; no CFG) against one jitted
         teacher-forced forward of the same sequence, same batch, same process, best of 10; for the
         trained models, then for random-init models with 4 to 8 scales (final grid 8 x 8) and
@@ -451,8 +452,10 @@ def cmd_cfw(args) -> None:
   """StableSR's CFW (`jaxllm sr train --stage cfw`) for the transfer model (`--sr-steps`,
   `--varsr-size`) with `fidelity`'s tuned decoder: trained `--cfw-steps`, scored at each of
   `--cfw-weights` (w 0 is the tuned decoder alone), then the plain and the fused decode timed
-  against one generation; -> <out>/cfw_<tag>_<steps>.json (training record, kept on reruns),
-  <out>/cfw_scores_<tag>_<steps>.json, a panel per held-out photo."""
+  against one generation. `--cfw-adv W` > 0: the MSE run of `--cfw-init-steps` fine-tuned with
+  the adversarial term (`cfw.CFWConfig.adv_weight`), named <tag>_<steps>_adv<W>_from<init>.
+  -> <out>/cfw_<name>.json (training record, kept on reruns), <out>/cfw_scores_<name>[_seeds<n>]
+  .json, a panel per held-out photo, the NIQE / PSNR plot (two or more weights)."""
   out = Path(args.out)
   sr_dir, dec = transfer_dir(out, args) / "sr", decoder_run(args)
   for need, how in ((sr_dir, "transfer"), (dec, "fidelity")):
@@ -497,7 +500,8 @@ def cmd_cfw(args) -> None:
   result["timing"] = _cfw_times(fused, args.batch)
   tag = name.removeprefix("cfw_") + ("" if args.seeds == 2 else f"_seeds{args.seeds}")
   save_json(out, f"cfw_scores_{tag}", result)
-  plot_cfw(result["mean"], Path(args.img) / f"varsr_cfw_{tag}_tradeoff.png")
+  if len(args.cfw_weights) > 1:
+    plot_cfw(result["mean"], Path(args.img) / f"varsr_cfw_{tag}_tradeoff.png")
 
 
 def plot_cfw(mean: dict, path: Path) -> None:
@@ -534,12 +538,11 @@ def _cfw_times(m: sr.SRModel, batch: int) -> dict[str, float]:
   decode and the CFW decode of its output."""
   s = m.tile
   lr = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, s, s, 3)), jnp.float32)
-  f_hat = varsr_lib.upscale(m.model, m.params, m.vqvae, m.vq_params, lr, jax.random.key(0),
-                            **sr.CFW_DECODING)["f_hat"]
-  plain = jax.jit(lambda f: m.vqvae.apply({"params": m.vq_params}, f, method="decode_fhat"))
-  fused = jax.jit(lambda f, x: m.cfw[0].apply({"params": m.cfw[1]}, f, x, 1.0))
   gen = lambda: varsr_lib.upscale(m.model, m.params, m.vqvae, m.vq_params, lr,  # noqa: E731
                                   jax.random.key(0), **sr.CFW_DECODING)["f_hat"]
+  f_hat = gen()
+  plain = jax.jit(lambda f: m.vqvae.apply({"params": m.vq_params}, f, method="decode_fhat"))
+  fused = jax.jit(lambda f, x: m.cfw[0].apply({"params": m.cfw[1]}, f, x, 1.0))
   t = _best_times([gen, lambda: plain(f_hat), lambda: fused(f_hat, lr)])
   r = {"generate_ms": 1e3 * t[0], "decode_ms": 1e3 * t[1], "cfw_decode_ms": 1e3 * t[2]}
   print(f"{batch} tiles: generate {r['generate_ms']:.1f} ms, decode {r['decode_ms']:.1f} ms, "
