@@ -285,9 +285,14 @@ def _decoder_abstract(model: vqvae_lib.VQVAE):
   """Shapes of a decoder-stage checkpoint: {"train": TrainState of the decoder params,
   "vqvae": the original VQ-VAE params}."""
   full = _abstract_state(model).params
+  return _finetune_abstract({k: full[k] for k in vqvae_lib.DECODER_PARAMS}, full)
+
+
+def _finetune_abstract(trained, frozen) -> dict:
+  """Shapes of a fine-tuning stage's checkpoint: {"train": TrainState of `trained`, "vqvae":
+  `frozen`} (the extra state `train` saves beside it; the schedule does not change shapes)."""
   optimizer = make_optimizer(OptimConfig(schedule="constant"), 1)
-  part = {k: full[k] for k in vqvae_lib.DECODER_PARAMS}
-  return {"train": jax.eval_shape(_init_from(part, optimizer), 0), "vqvae": full}
+  return {"train": jax.eval_shape(_init_from(trained, optimizer), 0), "vqvae": frozen}
 
 
 def _init_from(params, optimizer):
@@ -619,9 +624,7 @@ def _load_cfw(workdir: Path, run: dict, decoder) -> SRModel:
   model = cfw_lib.CFWDecoder(base.vqvae.config, cfw_lib.CFWConfig(**run["cfw"]))
   trained, frozen = jax.eval_shape(
       lambda: cfw_lib.split(cfw_lib.init_params(model, base.vq_params)))
-  optimizer = make_optimizer(OptimConfig(schedule="constant"), 1)
-  state = _restore(workdir, {"train": jax.eval_shape(_init_from(trained, optimizer), 0),
-                             "vqvae": frozen})
+  state = _restore(workdir, _finetune_abstract(trained, frozen))
   params = cfw_lib.decoder_params({**state["vqvae"], **state["train"].params})
   return dataclasses.replace(base, run={**base.run, "cfw_dir": str(workdir), "cfw_run": run},
                              cfw=(model, params))
