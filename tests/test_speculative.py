@@ -109,3 +109,56 @@ def test_drafts_and_acceptances_match_a_full_forward_simulation(n_future):
   assert int(f) == forwards
   np.testing.assert_array_equal(np.asarray(acc), accepted)
   assert accepted[0] > 0  # the check means something: some drafts were accepted
+
+
+# ----------------------------------------------------------------------- self-distilled drafts
+def _log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_draft_distillation_loss_scores_continuation_targets_of_draft_heads_only():
+  from jaxllm.objectives import multi_token as mt
+  model, params = _mtl(3)
+  P, pad = 5, -1
+  tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, 256)
+  loss_fn = mt.draft_distillation_loss_fn(model, pad, P)
+  (total, weight), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, {"tokens": tokens},
+                                                                     None)
+  # independent: every head's logits from the model's plain forward, cross-entropy in numpy
+  logp = _log_softmax(np.asarray(model.apply({"params": params}, tokens[:, :-1])[0], np.float64))
+  toks, T = np.asarray(tokens), tokens.shape[1]
+  want = [-logp[i, b, t, toks[b, t + 1 + i]] for i in (1, 2) for b in range(2)
+          for t in range(T - 1) if P <= t + 1 + i < T]
+  np.testing.assert_allclose(float(total), sum(want), rtol=1e-5)
+  assert float(weight) == len(want)
+  for k, g in grads.items():
+    norm = sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(g))
+    assert (norm > 0) == (k in ("heads_1", "heads_2")), k
+  with pytest.raises(ValueError, match="no continuation"):
+    loss_fn(params, {"tokens": tokens[:, :P + 1]}, None)
+  with pytest.raises(ValueError, match="n_future >= 2"):
+    mt.draft_distillation_loss_fn(_mtl(1)[0], pad, P)
+
+
+def test_distilled_draft_heads_raise_acceptance_and_keep_the_greedy_output():
+  model, params = _mtl(3)
+  prompt = lambda s, B: jax.random.randint(jax.random.key(s), (B, 6), 0, 256)
+  cfg = speculative.DistillConfig(max_new_tokens=24, steps=300, batch_size=16, lr=3e-3)
+  new, info = speculative.distill_draft_heads(model, params, [prompt(10, 32), prompt(11, 32)],
+                                              cfg, progress=False)
+  assert info["sequences"].shape == (64, 30)
+  assert np.mean(info["loss"][-10:]) < 0.85 * np.mean(info["loss"][:10])
+  for k in params:  # trunk, head 0, final norm, unembedding: bit for bit what they were
+    same = jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params[k], new[k]))
+    assert same == (k not in ("heads_1", "heads_2")), k
+  before = after = 0
+  for s in range(4):  # held-out prompts
+    p = prompt(100 + s, 1)
+    greedy = speculative.greedy_decode(model, params, p, max_new_tokens=24)
+    tokens, f_new = speculative.speculative_decode(model, new, p, max_new_tokens=24)
+    np.testing.assert_array_equal(tokens, greedy)
+    before += int(speculative.speculative_decode(model, params, p, max_new_tokens=24)[1])
+    after += int(f_new)
+  print(f"forwards for 4 x 24 tokens: {before} before, {after} after distillation")
+  assert after < 0.85 * before

@@ -2,6 +2,7 @@
 
   python experiments/deepseek/run.py balance      [--steps 300] [--out runs/deepseek]
   python experiments/deepseek/run.py mtp          [--steps 250] [--induction-steps 400]
+  python experiments/deepseek/run.py distill      [--distill-steps 600] [--distill-prompts 1024]
   python experiments/deepseek/run.py speculative  [--prompts 8] [--new-tokens 128]
 
 balance      16-expert DeepSeekMoE (top-2 + 1 shared, sigmoid routing) trained three ways at the
@@ -14,6 +15,10 @@ mtp          `MultiTokenLlama` with n = 1, 2, 4 heads on the same trunk, trained
              induction task (random segments that repeat: next-token accuracy on the second
              occurrence), (ii) the stdlib code corpus (held-out bits per byte of head 0). The
              code-trained parameters are saved for `speculative`.
+distill      Self-distils the code-trained n = 4 model's draft heads
+             (`jaxllm.infer.speculative.distill_draft_heads`): head 0's greedy continuations of
+             training-split prompts, heads 1-3 trained on them, trunk and head 0 frozen. Saves
+             `<out>/mtp_code_n4_distilled.msgpack`, which `speculative` then also times.
 speculative  Self-speculative decoding (`jaxllm.infer.speculative.speculative_decode`) with the
              code-trained n = 4 (and n = 2) models against `greedy_decode` (same model, head 0,
              KV cache), both compiled first, timed per prompt in the same run; outputs compared.
@@ -180,6 +185,11 @@ def balance(args):
     print(f"| {name} | {r['heldout_loss']:.4f} | {r['heldout_bpb']:.4f} | "
           f"{r['heldout_ppl']:.3f} | {' / '.join(f'{v:.3f}' for v in r['maxvio_global_per_layer'])}"
           f" | {r['maxvio_batch_last10pct']:.3f} |")
+  if out.get("matmul_us"):
+    print("| width d | [M, d] x [d, 3d] float32, us for M = 1 / 2 / 4 | M = 4 over M = 1 |\n"
+          "|---|---|---|")
+    for d, r in out["matmul_us"].items():
+      print(f"| {d} | {' / '.join(f'{t:.1f}' for t in r.values())} | {r['4'] / r['1']:.2f} |")
   print(f"total {out['_meta']['minutes']} min")
 
 
@@ -452,6 +462,70 @@ def mtp_report(args, out):
 
 
 # ------------------------------------------------------------------------------- (c) speculative
+def load_code_model(args, n, tok, suffix=""):
+  """The code-trained `MultiTokenLlama` with n heads saved by `mtp` in `--out` (and its meta)."""
+  meta = json.loads(Path(args.out, "mtp_code.json").read_text())["_meta"]
+  model = MultiTokenLlama(mtl_config(tok.vocab_size, meta["d"], meta["layers"], meta["ffn"], SEQ),
+                          n)
+  template = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))[
+      "params"]
+  path = Path(args.out, f"mtp_code_n{n}{suffix}.msgpack")
+  if not path.exists():
+    raise SystemExit(f"{path} is missing: run `run.py {'distill' if suffix else 'mtp'} "
+                     f"--out {args.out}` first.")
+  return model, flax.serialization.from_bytes(template, path.read_bytes()), meta
+
+
+def distill(args):
+  """Self-distils the n = 4 model's draft heads on greedy continuations of training prompts
+  (the held-out prompts of `speculative` come from the validation files)."""
+  tok, data = load_tokenizer("byte"), DataConfig(source="stdlib", tokenizer="byte")
+  model, params, meta = load_code_model(args, 4, tok)
+  B = 32  # training-split prompts, in another order than the batches the model was trained on
+  it = train_iterator(dataclasses.replace(data, seed=1), tok, SEQ, B)
+  prompts = [next(it)["tokens"][:, :args.prompt_len] for _ in range(-(-args.distill_prompts //
+                                                                      B))]
+  cfg = speculative.DistillConfig(max_new_tokens=args.new_tokens, steps=args.distill_steps,
+                                  lr=args.distill_lr)
+  t0 = time.time()
+  new, info = speculative.distill_draft_heads(model, params, prompts, cfg, pad_id=tok.pad_id)
+  secs = time.time() - t0
+  Path(args.out, "mtp_code_n4_distilled.msgpack").write_bytes(flax.serialization.to_bytes(new))
+  seqs = info["sequences"]
+  out = {"_meta": {"model": meta, "config": dataclasses.asdict(cfg), "prompts": len(seqs),
+                   "prompt_len": args.prompt_len, "minutes": round(secs / 60, 2)},
+         "loss": info["loss"],
+         "sample": tok.decode(seqs[0][args.prompt_len:][seqs[0][args.prompt_len:] < 256])}
+  _save(args, "distill", out)
+  print(f"distilled the draft heads on {len(seqs)} greedy continuations: loss per target "
+        f"{np.mean(info['loss'][:10]):.3f} -> {np.mean(info['loss'][-10:]):.3f} (first / last 10 "
+        f"steps), {secs / 60:.1f} min; sample continuation {out['sample'][:80]!r}", flush=True)
+
+
+def matmul_costs(widths, rows=(1, 2, 4), iters=200, repeats=5):
+  """{d: {M: microseconds}} of one float32 [M, d] x [d, 3d] product inside a compiled scan:
+  how a verification block of M tokens costs against one token on this machine, before any
+  attention or loop overhead (the roofline question: compute- or weight-read-bound?)."""
+  out = {}
+  for d in widths:
+    W = jax.random.normal(jax.random.key(0), (d, 3 * d))
+    out[d] = {}
+    for M in rows:
+      @jax.jit
+      def f(x, W, d=d):
+        body = lambda x, _: (x + 1e-6 * (x @ W)[:, :d], None)
+        return jax.lax.scan(body, x, None, length=iters)[0]
+      x = jnp.ones((M, d))
+      jax.block_until_ready(f(x, W))
+      best = math.inf
+      for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(f(x, W))
+        best = min(best, time.perf_counter() - t)
+      out[d][M] = 1e6 * best / iters
+  return out
+
+
 def code_prompts(tok, data, count, length, seed=0):
   """`count` held-out prompts of `length` byte tokens (bos + text), starting at line starts."""
   rng = np.random.default_rng(seed)
@@ -572,19 +646,17 @@ def speculative_exp(args):
   tok, data = load_tokenizer("byte"), DataConfig(source="stdlib", tokenizer="byte")
   meta = json.loads(Path(args.out, "mtp_code.json").read_text())["_meta"]
   prompts = code_prompts(tok, data, args.prompts, args.prompt_len)
+  runs = [(f"n={n}", n, "") for n in (int(x) for x in args.ns.split(","))]
+  if Path(args.out, "mtp_code_n4_distilled.msgpack").exists():
+    runs.append(("n=4 distilled", 4, "_distilled"))
   N = args.new_tokens
   out = {"_meta": {"prompts": len(prompts), "prompt_len": args.prompt_len, "new_tokens": N,
                    "repeats": args.repeats, "model": meta, "devices": str(jax.devices()),
                    "xla_flags": os.environ.get("XLA_FLAGS", "")}}
   t_all = time.time()
   cache_len = args.prompt_len + N
-  for n in [int(x) for x in args.ns.split(",")]:
-    model = MultiTokenLlama(mtl_config(tok.vocab_size, meta["d"], meta["layers"], meta["ffn"],
-                                       SEQ), n)
-    template = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))[
-        "params"]
-    params = flax.serialization.from_bytes(
-        template, Path(args.out, f"mtp_code_n{n}.msgpack").read_bytes())
+  for key, n, suffix in runs:
+    model, params, _ = load_code_model(args, n, tok, suffix)
     rows = time_decoders(model, params, prompts, N, args.repeats)
     rep = speculative.benchmark(model, params, prompts, N, repeats=args.repeats)
     costs = forward_costs(model, params, [1, n], cache_len)
@@ -610,8 +682,8 @@ def speculative_exp(args):
     res["marginal_cpu_ms"] = marginal  # per step / forward, prefill excluded
     res["spec_forward_over_greedy_step_cpu"] = marginal["ratio"]
     res["verify_over_step_cpu"] = costs[n][1] / costs[1][1]
-    out[f"n={n}"] = res
-    print(f"n={n}: tokens/forward {res['tokens_per_forward']:.2f}, speedup {res['speedup']:.2f}x "
+    out[key] = res
+    print(f"{key}: tokens/forward {res['tokens_per_forward']:.2f}, speedup {res['speedup']:.2f}x "
           f"wall / {res['speedup_cpu']:.2f}x CPU time; acceptance per draft head "
           f"{' / '.join(f'{a:.2f}' for a in res['acceptance_per_head'])}; a speculative forward "
           f"costs {res['spec_forward_over_greedy_step_cpu']:.2f} greedy steps (its {n}-token "
@@ -645,6 +717,8 @@ def speculative_exp(args):
           f"({s['verify_over_step_cpu']:.2f}x); speculative forward "
           f"{s['spec_forward_over_greedy_step_cpu']:.2f} greedy steps", flush=True)
   out["cost_sweep"] = {str(k): v for k, v in sweep.items()}
+  mm = matmul_costs([int(x) for x in args.matmul_widths.split(",")] if args.matmul_widths else [])
+  out["matmul_us"] = {str(d): {str(M): t for M, t in r.items()} for d, r in mm.items()}
   out["_meta"]["minutes"] = round((time.time() - t_all) / 60, 2)
   _save(args, "speculative", out)
   speculative_report(args, out)
@@ -673,8 +747,8 @@ def speculative_report(args, out):
   labels, step, verify, spec = [], [], [], []
   for k in keys:
     r = out[k]
-    n = int(k[2:])
-    labels.append(f"trained {k}\nd={out['_meta']['model']['d']}")
+    labels.append(f"trained {k}\nd={out['_meta']['model']['d']}".replace(" distilled",
+                                                                          "\ndistilled"))
     step.append(1.0)
     verify.append(r["verify_over_step_cpu"])
     spec.append(r["spec_forward_over_greedy_step_cpu"])
@@ -694,7 +768,7 @@ def speculative_report(args, out):
     a.grid(alpha=0.3)
   fig.tight_layout()
   Path(args.img).mkdir(parents=True, exist_ok=True)
-  fig.savefig(Path(args.img, "spec_speedup.png"), dpi=110)
+  fig.savefig(Path(args.img, args.img_name), dpi=110)
   plt.close(fig)
   print("| model | tokens / forward | acceptance per draft head | speedup (wall) | speedup (CPU "
         "time) | greedy step ms (CPU) | speculative forward ms (CPU) | forward cost in greedy "
@@ -713,12 +787,17 @@ def speculative_report(args, out):
       f = r["forward_ms"]
       print(f"| {d} | {r['params'] / 1e6:.1f}M | {f['L=1']['cpu']:.3f} | {f['L=4']['cpu']:.3f} | "
             f"{r['verify_over_step_cpu']:.2f} | {r['spec_forward_over_greedy_step_cpu']:.2f} |")
+  if out.get("matmul_us"):
+    print("| width d | [M, d] x [d, 3d] float32, us for M = 1 / 2 / 4 | M = 4 over M = 1 |\n"
+          "|---|---|---|")
+    for d, r in out["matmul_us"].items():
+      print(f"| {d} | {' / '.join(f'{t:.1f}' for t in r.values())} | {r['4'] / r['1']:.2f} |")
   print(f"total {out['_meta']['minutes']} min")
 
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("exp", choices=["balance", "mtp", "speculative"])
+  ap.add_argument("exp", choices=["balance", "mtp", "distill", "speculative"])
   ap.add_argument("--out", default="runs/deepseek")
   ap.add_argument("--img", default="docs/results/img")
   ap.add_argument("--steps", type=int, default=None, help="default: balance 300, mtp code 800")
@@ -747,12 +826,20 @@ def main():
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--cost-widths", default="128,256,512",
                   help="widths of random-weight n=4 models whose forward costs are measured")
+  ap.add_argument("--matmul-widths", default="128,512,1024",
+                  help="widths d of the [M, d] x [d, 3d] timing (M = 1, 2, 4); empty: skip")
+  ap.add_argument("--img-name", default="spec_speedup.png")
+  # distill
+  ap.add_argument("--distill-steps", type=int, default=600)
+  ap.add_argument("--distill-prompts", type=int, default=1024)
+  ap.add_argument("--distill-lr", type=float, default=1e-3)
   args = ap.parse_args()
   if args.exp == "speculative" and args.ns == "1,2,4":
     args.ns = "2,4"
   if args.steps is None:
     args.steps = {"balance": 300, "mtp": 800}.get(args.exp, 0)
-  {"balance": balance, "mtp": mtp, "speculative": speculative_exp}[args.exp](args)
+  {"balance": balance, "mtp": mtp, "distill": distill,
+   "speculative": speculative_exp}[args.exp](args)
 
 
 if __name__ == "__main__":

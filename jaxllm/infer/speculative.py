@@ -19,6 +19,10 @@ What one verification forward computes (and what it skips):
   - one unembedding of head 0 at the n positions and one of the n-1 drafts; only argmaxes leave
     the forward, the roll-back only resets `length`, and nothing returns to the host until the end.
 
+`distill_draft_heads` raises the acceptance rate without touching the model's output: it trains
+the draft heads alone on head 0's own greedy continuations of training prompts (Medusa's
+self-distillation, Cai et al. 2024, sec. 3.3.1), the text speculative decoding has to predict.
+
 `deepseek_mtp_speculative_decode` does the same with DeepSeek-V3's depth-1 MTP module as the
 draft (blocks of 2: the certain token and the MTP guess for the one after it).
 
@@ -33,11 +37,14 @@ import dataclasses
 import functools
 import statistics
 import time
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jaxtyping import Array, Float, Int
+from tqdm.auto import tqdm
 
 from jaxllm.models.llama import LlamaConfig
 from jaxllm.models.mtp import MultiTokenLlama, decoder_block, init_multi_token_cache
@@ -223,6 +230,82 @@ def benchmark(model: MultiTokenLlama, params, prompts: list, max_new_tokens: int
       tokens=tokens, forwards=forwards, tokens_per_forward=tokens / max(forwards, 1),
       greedy_seconds=sum(tg), speculative_seconds=sum(ts), speedup=sum(tg) / sum(ts),
       identical=identical, per_prompt_speedup=tuple(a / b for a, b in zip(tg, ts)))
+
+
+# ----------------------------------------------------------------------- self-distilled drafts
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
+def greedy_continuations(model: MultiTokenLlama, params, prompts_BP: Int[Array, "B P"], *,
+                         max_new_tokens: int) -> Int[Array, "B T"]:
+  """Each prompt followed by head 0's greedy continuation of `max_new_tokens` tokens
+  (`greedy_decode` run for every row; T = P + max_new_tokens)."""
+  one = lambda p_P: greedy_decode(model, params, p_P[None], max_new_tokens=max_new_tokens)
+  return jnp.concatenate([prompts_BP, jax.vmap(one)(prompts_BP)], axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """What `distill_draft_heads` generates and how it trains on it."""
+
+  max_new_tokens: int = 128  # greedy tokens generated after each prompt
+  steps: int = 600
+  batch_size: int = 16
+  lr: float = 1e-3
+  warmup_steps: int = 20
+  weight_decay: float = 0.0
+  seed: int = 0
+
+  def __post_init__(self):
+    for name in ("max_new_tokens", "steps", "batch_size"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"DistillConfig.{name}={getattr(self, name)} must be >= 1.")
+    if self.lr <= 0:
+      raise ValueError(f"DistillConfig.lr={self.lr} must be positive.")
+
+
+def distill_draft_heads(model: MultiTokenLlama, params, prompt_batches: Iterable,
+                        cfg: DistillConfig = DistillConfig(), pad_id: int = -1,
+                        progress: bool = True):
+  """Self-distils the draft heads: generates head 0's greedy continuation of every prompt
+  (`prompt_batches`: arrays [B, P], one prompt length P throughout), then trains heads
+  1 .. n-1 alone for `cfg.steps` AdamW steps on random minibatches of those sequences with
+  `draft_distillation_loss_fn` (trunk, head 0, final norm and unembedding frozen, so greedy
+  decoding -- and the speculative output -- stays exactly what it was).
+  -> (params, {"loss": per-step loss per target, "sequences": the generated [S, P + N] data})."""
+  from jaxllm.objectives import multi_token as mt
+  from jaxllm.train.step import TrainState, make_train_step
+
+  if model.n_future < 2:
+    raise ValueError(f"distill_draft_heads needs n_future >= 2 heads (got {model.n_future}).")
+  seqs, P = [], None
+  for prompts_BP in tqdm(list(prompt_batches), desc="greedy continuations", unit="batch",
+                         disable=not progress):
+    prompts_BP = jnp.asarray(prompts_BP, jnp.int32)
+    if prompts_BP.ndim != 2 or (P is not None and prompts_BP.shape[1] != P):
+      raise ValueError(f"prompt batches must be [B, P] with one P throughout; got shape "
+                       f"{prompts_BP.shape} after P = {P}.")
+    P = prompts_BP.shape[1]
+    seqs.append(np.asarray(greedy_continuations(model, params, prompts_BP,
+                                                max_new_tokens=cfg.max_new_tokens)))
+  if not seqs:
+    raise ValueError("distill_draft_heads got no prompt batches.")
+  data = np.concatenate(seqs)
+  if len(data) < cfg.batch_size:
+    raise ValueError(f"{len(data)} generated sequences are fewer than batch_size "
+                     f"{cfg.batch_size}: pass more prompts or a smaller batch.")
+  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(cfg.warmup_steps, cfg.steps),
+                                                cfg.steps, 0.1 * cfg.lr)
+  tx = mt.freeze_all_but_draft_heads(
+      optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay), params)
+  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+                     jax.random.key_data(jax.random.key(cfg.seed)))
+  step = jax.jit(make_train_step(mt.draft_distillation_loss_fn(model, pad_id, P), tx))
+  rng, losses = np.random.default_rng(cfg.seed), []
+  for _ in tqdm(range(cfg.steps), desc="distilling draft heads", unit="step",
+                disable=not progress):
+    idx = rng.choice(len(data), cfg.batch_size, replace=False)
+    state, metrics = step(state, {"tokens": jnp.asarray(data[idx])})
+    losses.append(metrics["loss"])
+  return state.params, {"loss": [float(x) for x in jax.device_get(losses)], "sequences": data}
 
 
 # ------------------------------------------------------------------- DeepSeek MTP as the draft

@@ -10,6 +10,12 @@ The heads run as iterations of one `fori_loop` (a `switch` picks the head), so X
 head's buffers at a time; unrolled Python loops, even chained by `optimization_barrier`, left
 XLA:CPU keeping every head's logits (measured with `memory_analysis`).
 
+Self-distilled draft heads (Medusa, Cai et al. 2024, sec. 3.3.1, applied to Meta's heads):
+`draft_distillation_loss_fn` trains heads 1 .. n-1 on the model's own greedy continuations, so
+that head i learns the token head 0 will emit i steps later -- exactly what self-speculative
+decoding accepts. The trunk and head 0 stay frozen (`freeze_all_but_draft_heads`), so greedy
+decoding, and hence the speculative output, is unchanged.
+
 DeepSeek-V3 (sec. 2.2): loss = CE_main + (lambda / D) sum_k CE_k, depth k predicting t + k + 1
 (`deepseek_mtp_loss`); `deepseek_train_step` also applies the auxiliary-loss-free bias update
 and reports MaxVio.
@@ -86,6 +92,51 @@ def multi_token_value_and_grad(model, pad_id: int) -> Callable[..., Any]:
     return (loss_sum, weight), jax.tree.map(jnp.add, grads, g_trunk)
 
   return fn
+
+
+def draft_distillation_loss_fn(model, pad_id: int, prompt_len: int):
+  """(params, batch, rng) -> (summed CE of draft heads 1 .. n-1, number of targets).
+
+  batch["tokens"] [B, T] holds prompts of `prompt_len` tokens followed by head 0's greedy
+  continuation (`jaxllm.infer.speculative.greedy_continuations`). Head i at position t is
+  scored on token t + 1 + i only where that token belongs to the continuation
+  (t + 1 + i >= prompt_len): those are the positions whose drafts self-speculative decoding
+  verifies. Head 0 is not run and the trunk output is a constant (`stop_gradient`), so the
+  gradient reaches the draft heads only (the shared final norm and unembedding get none)."""
+  n = model.n_future
+  if n < 2:
+    raise ValueError(f"Draft distillation needs n_future >= 2 heads (got {n}).")
+
+  def loss_fn(params, batch, rng):
+    del rng
+    tokens_BT = batch["tokens"]
+    if tokens_BT.shape[1] <= prompt_len + 1:
+      raise ValueError(f"Distillation sequences of {tokens_BT.shape[1]} tokens leave no "
+                       f"continuation after the {prompt_len}-token prompt to learn from.")
+    frozen = jax.lax.stop_gradient(params)
+    z_BLD = model.apply({"params": frozen}, tokens_BT[:, :-1], method="trunk")[0]
+    targets_NBL = future_targets(tokens_BT, n, pad_id)
+    t_L = jnp.arange(tokens_BT.shape[1] - 1)
+    total = weight = jnp.zeros((), jnp.float32)
+    for i in range(1, n):
+      draft = {**frozen, f"heads_{i}": params[f"heads_{i}"]}
+      logits_BLV, _ = model.apply({"params": draft}, i, z_BLD, method="head_logits")
+      targets_BL = jnp.where((t_L + 1 + i >= prompt_len)[None], targets_NBL[i], pad_id)
+      s, w = next_token_nll(logits_BLV, targets_BL, pad_id)
+      total, weight = total + s, weight + w
+    return total, weight
+
+  return loss_fn
+
+
+def freeze_all_but_draft_heads(optimizer: optax.GradientTransformation, params,
+                               ) -> optax.GradientTransformation:
+  """`optimizer` on the draft heads' parameters (`heads_1` .. `heads_{n-1}`), zero updates
+  (so no weight decay either) for the trunk, head 0, the final norm and the unembedding."""
+  draft = lambda k: k.startswith("heads_") and k != "heads_0"
+  labels = {k: jax.tree.map(lambda _: "draft" if draft(k) else "frozen", v)
+            for k, v in params.items()}
+  return optax.multi_transform({"draft": optimizer, "frozen": optax.set_to_zero()}, labels)
 
 
 # ---------------------------------------------------------------------------- DeepSeek MTP + MoE
