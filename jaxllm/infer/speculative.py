@@ -237,7 +237,9 @@ def benchmark(model: MultiTokenLlama, params, prompts: list, max_new_tokens: int
 def greedy_continuations(model: MultiTokenLlama, params, prompts_BP: Int[Array, "B P"], *,
                          max_new_tokens: int) -> Int[Array, "B T"]:
   """Each prompt followed by head 0's greedy continuation of `max_new_tokens` tokens
-  (`greedy_decode` run for every row; T = P + max_new_tokens)."""
+  (`greedy_decode` run for every row; T = P + max_new_tokens). Batched products may round
+  differently from batch-1 decoding, so a near-tie can rarely break the other way: harmless for
+  distillation data, which only has to be what the model tends to emit."""
   one = lambda p_P: greedy_decode(model, params, p_P[None], max_new_tokens=max_new_tokens)
   return jnp.concatenate([prompts_BP, jax.vmap(one)(prompts_BP)], axis=1)
 
