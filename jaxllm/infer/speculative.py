@@ -294,8 +294,8 @@ def distill_draft_heads(model: MultiTokenLlama, params, prompt_batches: Iterable
   if len(data) < cfg.batch_size:
     raise ValueError(f"{len(data)} generated sequences are fewer than batch_size "
                      f"{cfg.batch_size}: pass more prompts or a smaller batch.")
-  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(cfg.warmup_steps, cfg.steps),
-                                                cfg.steps, 0.1 * cfg.lr)
+  schedule = optax.warmup_cosine_decay_schedule(  # warm-up shortened to leave >= 1 decay step
+      0.0, cfg.lr, min(cfg.warmup_steps, cfg.steps - 1), cfg.steps, 0.1 * cfg.lr)
   tx = mt.freeze_all_but_draft_heads(
       optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay), params)
   state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
