@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 _SPEC = importlib.util.spec_from_file_location(
     "deepseek_run", Path(__file__).parents[1] / "experiments" / "deepseek" / "run.py")
@@ -82,3 +83,8 @@ def test_distill_then_speculative_run_end_to_end(tmp_path, monkeypatch):
   assert all(out[k]["all_identical"] for k in ("n=4", "n=4 distilled"))
   assert set(out["matmul_us"]["32"]) == {"1", "2", "4"}
   assert (tmp_path / "spec_speedup.png").exists()
+  # a distilled file from another base model is refused before anything is timed
+  other = {**params, "layers_0": jax.tree.map(lambda x: x + 1.0, params["layers_0"])}
+  (tmp_path / "mtp_code_n4.msgpack").write_bytes(flax.serialization.to_bytes(other))
+  with pytest.raises(SystemExit, match="rerun `run.py distill"):
+    run.main()

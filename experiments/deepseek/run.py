@@ -648,6 +648,14 @@ def speculative_exp(args):
   prompts = code_prompts(tok, data, args.prompts, args.prompt_len)
   runs = [(f"n={n}", n, "") for n in (int(x) for x in args.ns.split(","))]
   if Path(args.out, "mtp_code_n4_distilled.msgpack").exists():
+    _, base, _ = load_code_model(args, 4, tok)
+    _, dist, _ = load_code_model(args, 4, tok, "_distilled")
+    shared = [k for k in base if k not in ("heads_1", "heads_2", "heads_3")]
+    if not all(np.array_equal(a, b) for k in shared for a, b in
+               zip(jax.tree.leaves(base[k]), jax.tree.leaves(dist[k]))):
+      raise SystemExit(f"{args.out}/mtp_code_n4_distilled.msgpack was distilled from another "
+                       f"n = 4 model than mtp_code_n4.msgpack: rerun `run.py distill --out "
+                       f"{args.out}`.")
     runs.append(("n=4 distilled", 4, "_distilled"))
   N = args.new_tokens
   out = {"_meta": {"prompts": len(prompts), "prompt_len": args.prompt_len, "new_tokens": N,
