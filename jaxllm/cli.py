@@ -217,10 +217,11 @@ def cmd_sr_train(args) -> int:
       varsr_preset=args.varsr_preset, cnn_preset=args.cnn_preset, vqvae_dir=args.vqvae,
       vqvae_overrides=args.vqvae_set, varsr_overrides=args.varsr_set,
       cnn_overrides=args.cnn_set, cfw_overrides=args.cfw_set, sr_dir=args.sr_run,
-      decoder_dir=args.decoder, cfw_init=args.cfw_init, crop_size=args.crop_size, data=args.data, scale=args.scale,
-      degradation=args.degradation, negative_prob=args.negative_prob, steps=args.steps,
-      batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
-      log_every=args.log_every, save_every=args.save_every, progress=not args.no_progress)
+      decoder_dir=args.decoder, cfw_init=args.cfw_init, crop_size=args.crop_size, data=args.data,
+      scale=args.scale, degradation=args.degradation, negative_prob=args.negative_prob,
+      steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+      seed=args.seed, log_every=args.log_every, save_every=args.save_every,
+      progress=not args.no_progress)
   out = sr.train(cfg)
   print(json.dumps({k: round(v, 4) for k, v in out["metrics"].items()}))
   return 0

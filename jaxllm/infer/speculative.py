@@ -269,11 +269,14 @@ def distill_draft_heads(model: MultiTokenLlama, params, prompt_batches: Iterable
                         progress: bool = True):
   """Self-distils the draft heads: generates head 0's greedy continuation of every prompt
   (`prompt_batches`: arrays [B, P], one prompt length P throughout), then trains heads
-  1 .. n-1 alone for `cfg.steps` AdamW steps on random minibatches of those sequences with
+  1 .. n-1 alone for `cfg.steps` AdamW steps (the library's warm-up + cosine schedule to
+  0.1 lr) on random minibatches of those sequences with
   `draft_distillation_loss_fn` (trunk, head 0, final norm and unembedding frozen, so greedy
   decoding -- and the speculative output -- stays exactly what it was).
   -> (params, {"loss": per-step loss per target, "sequences": the generated [S, P + N] data})."""
+  from jaxllm.config import OptimConfig
   from jaxllm.objectives import multi_token as mt
+  from jaxllm.train.optim import make_schedule
   from jaxllm.train.step import TrainState, make_train_step
 
   if model.n_future < 2:
@@ -294,8 +297,7 @@ def distill_draft_heads(model: MultiTokenLlama, params, prompt_batches: Iterable
   if len(data) < cfg.batch_size:
     raise ValueError(f"{len(data)} generated sequences are fewer than batch_size "
                      f"{cfg.batch_size}: pass more prompts or a smaller batch.")
-  schedule = optax.warmup_cosine_decay_schedule(  # warm-up shortened to leave >= 1 decay step
-      0.0, cfg.lr, min(cfg.warmup_steps, cfg.steps - 1), cfg.steps, 0.1 * cfg.lr)
+  schedule = make_schedule(OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps), cfg.steps)
   tx = mt.freeze_all_but_draft_heads(
       optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay), params)
   state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),

@@ -399,7 +399,7 @@ def _cfw_setup(cfg: SRTrainConfig, photos):
   trained, frozen = cfw_lib.split(cfw_lib.init_params(model, base.vq_params, cfg.seed))
   digest = _generator_digest(base)
   if cfg.cfw_init:
-    trained = _cfw_start(cfg.cfw_init, trained, digest)
+    trained = _cfw_start(cfg.cfw_init, trained, digest, base)
   data = images.sr_dataset(photos, base.config.image_size,
                            deg.preset(cfg.degradation, scale=cfg.scale), cfg.seed
                            ).batch(cfg.batch_size)
@@ -423,19 +423,18 @@ def _cfw_setup(cfg: SRTrainConfig, photos):
           data, frozen, eval_fn, record)
 
 
-def _cfw_start(init_dir: str, trained: dict, digest: str) -> dict:
+def _cfw_start(init_dir: str, trained: dict, digest: str, base: SRModel) -> dict:
   """`trained` with its LR encoder and fusions taken from the cfw run `init_dir`, which must
-  correct the same generator with the same fusion shapes (its discriminator, if any, is not
-  taken)."""
-  prev = load_sr(init_dir)
-  if prev.cfw is None:
+  correct the same generator (`base`, whose digest is `digest`) with the same fusion shapes (its
+  discriminator, if any, is not taken)."""
+  run = read_run(init_dir)
+  if run["stage"] != "cfw":
     raise ValueError(f"--cfw-init {init_dir} is not a cfw-stage run.")
-  if prev.run["cfw_run"]["generator_digest"] != digest:
+  if run["generator_digest"] != digest:
     raise ValueError(f"--cfw-init {init_dir} was trained on another sr run or decoder; start "
                      "from a cfw run of this one.")
-  take = {k: v for k, v in prev.cfw[1].items()
-          if k not in vqvae_lib.DECODER_PARAMS and k != cfw_lib.DISC}
-  mine = {k: v for k, v in trained.items() if k != cfw_lib.DISC}
+  take, _ = cfw_lib.split(_restore_cfw(Path(init_dir), run, base)[1])
+  mine = cfw_lib.decoder_params(trained)
   if jax.tree.structure(take) != jax.tree.structure(mine) or any(
       a.shape != b.shape for a, b in zip(jax.tree.leaves(take), jax.tree.leaves(mine))):
     raise ValueError(f"--cfw-init {init_dir} fuses other levels or block counts than "
@@ -621,13 +620,18 @@ def _load_cfw(workdir: Path, run: dict, decoder) -> SRModel:
   if _generator_digest(base) != run["generator_digest"]:
     raise ValueError(f"the sr run {base_dir} (decoder {run['decoder_dir']}) has changed since "
                      f"{workdir} was trained on its outputs; retrain the cfw stage.")
+  return dataclasses.replace(base, run={**base.run, "cfw_dir": str(workdir), "cfw_run": run},
+                             cfw=_restore_cfw(workdir, run, base))
+
+
+def _restore_cfw(workdir: Path, run: dict, base: SRModel):
+  """(CFWDecoder, its params without the discriminator) of the cfw run `workdir` (config `run`)
+  trained on the generator `base`."""
   model = cfw_lib.CFWDecoder(base.vqvae.config, cfw_lib.CFWConfig(**run["cfw"]))
   trained, frozen = jax.eval_shape(
       lambda: cfw_lib.split(cfw_lib.init_params(model, base.vq_params)))
   state = _restore(workdir, _finetune_abstract(trained, frozen))
-  params = cfw_lib.decoder_params({**state["vqvae"], **state["train"].params})
-  return dataclasses.replace(base, run={**base.run, "cfw_dir": str(workdir), "cfw_run": run},
-                             cfw=(model, params))
+  return model, cfw_lib.decoder_params({**state["vqvae"], **state["train"].params})
 
 
 def _swap_decoder(vq_params, run: dict, decoder: str | Path):
